@@ -1,0 +1,1 @@
+"""lstm-serve: the HTTP service that serves stacked-LSTM text models from model_store/."""

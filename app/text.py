@@ -1,0 +1,175 @@
+"""Text handling shared by training and serving: normalisers and the vocabulary.
+
+Everything that turns raw text into token ids lives here, so the service sees exactly the
+tokens the model was trained on. Pure Python (plus NLTK's regex tokenizer); no torch.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from nltk.tokenize import NLTKWordTokenizer
+
+UNK = "<unk>"
+EOS = "<eos>"
+PAD = "<pad>"
+
+_treebank = NLTKWordTokenizer()
+
+# Typographic characters users paste, mapped to what the treebank tokenizer expects.
+_TYPOGRAPHY = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u2013": "--",
+        "\u2014": "--",
+        "\u2026": "...",
+        "\u00a0": " ",
+    }
+)
+
+_NUMBER = re.compile(r"^[+-]?(\d+([.,:/]\d+)*|\.\d+)(st|nd|rd|th)?$")
+# PTB keeps the period on initialisms (u.s., p.m.) and on a closed list of abbreviations.
+_WORD_WITH_PERIOD = re.compile(r"^[^.]+\.$")
+_INITIALISM = re.compile(r"^([a-z]\.)+[a-z]?\.?$")
+_PTB_ABBREVIATIONS = frozenset(
+    "mr. mrs. ms. dr. jr. sr. st. mt. ft. co. corp. inc. ltd. cos. bros. no. vs. etc. "
+    "sen. rep. gov. gen. col. lt. sgt. prof. rev. "
+    "jan. feb. mar. apr. aug. sept. oct. nov. dec. "
+    "ala. ariz. ark. calif. colo. conn. del. fla. ga. ill. ind. kan. ky. la. md. mass. "
+    "mich. minn. miss. mo. mont. neb. nev. okla. ore. pa. tenn. tex. va. vt. wash. wis. wyo.".split()
+)
+# Symbols the PTB language-model corpus kept; all other punctuation was removed from it.
+_PTB_SYMBOLS = frozenset({"$", "&", "#", "'"})
+_SST_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+
+
+def _treebank_tokens(text: str) -> list[str]:
+    text = unicodedata.normalize("NFC", text).translate(_TYPOGRAPHY)
+    return _treebank.tokenize(text)
+
+
+def _is_punctuation(token: str) -> bool:
+    return all(unicodedata.category(ch).startswith("P") or unicodedata.category(ch).startswith("S") for ch in token)
+
+
+def _strip_sentence_period(token: str) -> str:
+    """NLTK splits only the text's final period; strip the others unless they mark an abbreviation."""
+    if _WORD_WITH_PERIOD.match(token) and token not in _PTB_ABBREVIATIONS and not _INITIALISM.match(token):
+        return token[:-1]
+    return token
+
+
+def normalise_ptb(text: str) -> list[str]:
+    """Tokens in Mikolov's PTB conventions: lower case, numbers as ``N``, clitics split
+    (``do n't``, ``it 's``), punctuation dropped except ``$ & # '``, periods kept only on
+    abbreviations and initialisms."""
+    tokens: list[str] = []
+    for token in _treebank_tokens(text.lower()):
+        token = _strip_sentence_period(token)
+        if not token or token == ".":
+            continue
+        if _NUMBER.match(token) or (token == "%" and tokens and tokens[-1] == "N"):
+            tokens.append("N")
+        elif token in _PTB_SYMBOLS or not _is_punctuation(token):
+            tokens.append(token)
+    return tokens
+
+
+def normalise_sst(text: str) -> list[str]:
+    """Tokens in the Stanford Sentiment Treebank's conventions: lower case, PTB tokenization,
+    brackets as ``-lrb-``/``-rrb-``, ``/`` escaped as ``\\/``, quotes as ``\u0060\u0060`` and ``''``."""
+    tokens = []
+    for token in _treebank_tokens(text.lower()):
+        stripped = _strip_sentence_period(token)
+        tokens.append(_SST_BRACKETS.get(stripped, stripped).replace("/", "\\/"))
+        if stripped != token:
+            tokens.append(".")
+    return tokens
+
+
+def normalise_identity(text: str) -> list[str]:
+    """Whitespace split, for text that is already in the corpus's conventions."""
+    return text.split()
+
+
+NORMALISERS: dict[str, Callable[[str], list[str]]] = {
+    "ptb": normalise_ptb,
+    "sst": normalise_sst,
+    "whitespace": normalise_identity,
+}
+
+
+def get_normaliser(name: str) -> Callable[[str], list[str]]:
+    try:
+        return NORMALISERS[name]
+    except KeyError:
+        raise ValueError(f"unknown normaliser {name!r}; known: {', '.join(sorted(NORMALISERS))}") from None
+
+
+class Vocabulary:
+    """A fixed list of tokens; a token's id is its index. Unknown tokens map to ``<unk>``."""
+
+    def __init__(self, tokens: Sequence[str]):
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("vocabulary has duplicate tokens")
+        if UNK not in tokens:
+            raise ValueError(f"vocabulary must contain {UNK}")
+        self.tokens = list(tokens)
+        self._ids = {token: i for i, token in enumerate(self.tokens)}
+        self.unk_id = self._ids[UNK]
+        self.eos_id = self._ids.get(EOS)
+        self.pad_id = self._ids.get(PAD)
+
+    @classmethod
+    def build(
+        cls,
+        sentences: Iterable[Sequence[str]],
+        specials: Sequence[str] = (UNK, EOS),
+        min_count: int = 1,
+        max_size: int | None = None,
+    ) -> Vocabulary:
+        """Specials first (in the order given), then tokens by falling frequency, ties by
+        first appearance, so the same corpus always gives the same ids."""
+        counts: Counter[str] = Counter()
+        for sentence in sentences:
+            counts.update(sentence)
+        words = [w for w, n in counts.most_common() if n >= min_count and w not in specials]
+        if max_size is not None:
+            words = words[: max(0, max_size - len(specials))]
+        return cls([*specials, *words])
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return cls(lines)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text("".join(f"{t}\n" for t in self.tokens), encoding="utf-8")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self._ids
+
+    def id(self, token: str) -> int:
+        return self._ids.get(token, self.unk_id)
+
+    def encode(self, tokens: Iterable[str]) -> list[int]:
+        return [self._ids.get(t, self.unk_id) for t in tokens]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.tokens[i] for i in ids]
+
+    def unknown(self, tokens: Iterable[str]) -> list[str]:
+        """The tokens (in order, repeats kept) that this vocabulary maps to ``<unk>``."""
+        return [t for t in tokens if t not in self._ids]

@@ -1,0 +1,78 @@
+"""Typed training configurations and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """A word-level language model and its training schedule. Defaults are Zaremba's `small`.
+
+    Learning rates mean what they mean in Zaremba et al. (2014): the loss is summed over the
+    BPTT window and averaged over the batch before the gradient step."""
+
+    embedding_size: int = 200
+    hidden_size: int = 200
+    layers: int = 2
+    dropout: float = 0.0
+    tied: bool = False
+    init_range: float = 0.1
+    batch_size: int = 20
+    bptt: int = 20
+    epochs: int = 13
+    lr: float = 1.0
+    lr_decay: float = 0.5
+    decay_after: int = 4  # epochs at the full learning rate before decay starts
+    max_grad_norm: float = 5.0
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class SentimentConfig:
+    """A sentence classifier and its training schedule (Adam, early stopping on dev accuracy)."""
+
+    embedding_size: int = 300
+    hidden_size: int = 168
+    layers: int = 1
+    bidirectional: bool = True
+    dropout: float = 0.5
+    batch_size: int = 64
+    epochs: int = 12
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 5.0
+    min_count: int = 1
+    phrases: bool = True  # train on every labelled phrase of the SST trees, not only sentences
+    seed: int = 1234
+
+
+LM_PRESETS: dict[str, LMConfig] = {
+    # Zaremba, Sutskever & Vinyals (2014), "Recurrent Neural Network Regularization", Table 1.
+    "small": LMConfig(),
+    "medium": LMConfig(
+        embedding_size=650, hidden_size=650, dropout=0.5, init_range=0.05, bptt=35,
+        epochs=39, lr_decay=1 / 1.2, decay_after=6,
+    ),
+    "large": LMConfig(
+        embedding_size=1500, hidden_size=1500, dropout=0.65, init_range=0.04, bptt=35,
+        epochs=55, lr_decay=1 / 1.15, decay_after=14, max_grad_norm=10.0,
+    ),
+    # Tied 400-unit model with a compressed schedule, sized to train inside one working
+    # session on a 2-core CPU (about 9 minutes an epoch there). The shipped model.
+    "cpu": LMConfig(
+        embedding_size=400, hidden_size=400, dropout=0.35, tied=True, init_range=0.05,
+        batch_size=32, bptt=35, epochs=11, lr_decay=0.5, decay_after=5,
+    ),
+}
+
+SENTIMENT_PRESETS: dict[str, SentimentConfig] = {"default": SentimentConfig()}
+
+
+def with_overrides(config, overrides: dict):
+    """A copy of a dataclass config with the non-None overrides applied."""
+    names = {f.name for f in fields(config)}
+    return replace(config, **{k: v for k, v in overrides.items() if k in names and v is not None})
+
+
+__all__ = ["LMConfig", "SentimentConfig", "LM_PRESETS", "SENTIMENT_PRESETS", "with_overrides"]

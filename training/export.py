@@ -1,0 +1,407 @@
+"""Export to the model store: ONNX graphs (legacy TorchScript exporter, dynamic batch and
+sequence axes), a parity check of onnxruntime against PyTorch, and manifest.json.
+
+A version directory is written under a temporary name and renamed into place only when every
+check has passed, so a failed export never leaves a half-written version behind."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import platform
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from app.text import EOS, PAD, UNK, Vocabulary
+from training.model import LanguageModel, SentimentClassifier
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+WEIGHTS_FILE = "weights.bin"
+# Tensors at least this large go to the shared weights file; small ones stay inline.
+EXTERNAL_MIN_BYTES = 1024
+
+
+class ExportError(Exception):
+    """The export failed a check (parity, existing version); nothing was written."""
+
+
+class LastPositionLM(nn.Module):
+    """The language model returning only the final position's distribution, so next-word
+    prediction does not pay for a softmax at positions it throws away."""
+
+    def __init__(self, model: LanguageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, h0, c0):
+        out, (hn, cn) = self.model.lstm(self.model.embedding(tokens), (h0, c0))
+        logits = self.model.decoder(out[:, -1])
+        return torch.log_softmax(logits, dim=-1), hn, cn
+
+
+LM_GRAPHS = {
+    "full": {
+        "inputs": {"tokens": ["batch", "seq"], "h0": ["layers", "batch", "hidden"], "c0": ["layers", "batch", "hidden"]},
+        "outputs": {"log_probs": ["batch", "seq", "vocab"], "hn": ["layers", "batch", "hidden"],
+                    "cn": ["layers", "batch", "hidden"]},
+    },
+    "last": {
+        "inputs": {"tokens": ["batch", "seq"], "h0": ["layers", "batch", "hidden"], "c0": ["layers", "batch", "hidden"]},
+        "outputs": {"log_probs": ["batch", "vocab"], "hn": ["layers", "batch", "hidden"],
+                    "cn": ["layers", "batch", "hidden"]},
+    },
+}
+SENTIMENT_GRAPHS = {
+    "full": {
+        "inputs": {"tokens": ["batch", "seq"], "lengths": ["batch"]},
+        "outputs": {"probs": ["batch", "classes"]},
+    },
+}
+GRAPH_FILES = {"full": "model.onnx", "last": "last.onnx"}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def next_version(store: Path, name: str) -> int:
+    versions = [int(p.name) for p in (store / name).glob("*") if p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _dynamic_axes(signature: dict) -> dict:
+    axes = {}
+    for group in ("inputs", "outputs"):
+        for tensor, dims in signature[group].items():
+            axes[tensor] = {i: d for i, d in enumerate(dims) if d in ("batch", "seq")}
+    return axes
+
+
+def _to_onnx(module: nn.Module, example: tuple, signature: dict) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The exporter warns about LSTM batch sizes; h0/c0 are graph inputs, which is the fix it asks for.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), example, buffer, input_names=list(signature["inputs"]),
+            output_names=list(signature["outputs"]), dynamic_axes=_dynamic_axes(signature),
+            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _untie_transposed_copies(graph: onnx.GraphProto) -> None:
+    """Constant folding stores a tied decoder matrix again, transposed. Replace each such copy
+    with a Transpose of the original so the weight is stored once."""
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    kept: list[str] = []
+    for name, array in arrays.items():
+        original = next(
+            (k for k in kept if array.ndim == 2 and arrays[k].shape == array.shape[::-1]
+             and array.shape[0] != array.shape[1] and np.array_equal(arrays[k].T, array)),
+            None,
+        )
+        if original is None:
+            kept.append(name)
+            continue
+        graph.initializer.remove(next(t for t in graph.initializer if t.name == name))
+        graph.node.insert(0, onnx.helper.make_node("Transpose", [original], [name], perm=[1, 0]))
+
+
+def _write_graphs(graphs: dict[str, onnx.ModelProto], out_dir: Path) -> None:
+    """Write every graph with its large tensors in one shared weights file, each distinct
+    tensor stored once (the graphs of one model share their weights)."""
+    offsets: dict[str, tuple[int, int]] = {}
+    with (out_dir / WEIGHTS_FILE).open("wb") as weights:
+        for graph_name, proto in graphs.items():
+            for tensor in proto.graph.initializer:
+                raw = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    continue
+                key = hashlib.sha256(raw).hexdigest()
+                if key not in offsets:
+                    position = weights.tell()
+                    padding = -position % 64
+                    weights.write(b"\0" * padding)
+                    offsets[key] = (position + padding, len(raw))
+                    weights.write(raw)
+                offset, length = offsets[key]
+                tensor.ClearField("raw_data")
+                for field in ("float_data", "int64_data", "int32_data", "double_data"):
+                    tensor.ClearField(field)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = k, v
+            onnx.save_model(proto, str(out_dir / GRAPH_FILES[graph_name]))
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _check_parity(
+    reference: Callable[..., tuple], session: ort.InferenceSession, cases: list[dict[str, np.ndarray]]
+) -> float:
+    """Largest absolute difference between PyTorch and onnxruntime over the cases."""
+    worst = 0.0
+    for feeds in cases:
+        with torch.no_grad():
+            expected = reference(*(torch.from_numpy(v) for v in feeds.values()))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        actual = session.run(None, feeds)
+        for e, a in zip(expected, actual, strict=True):
+            if e.shape != a.shape:
+                raise ExportError(f"onnxruntime output shape {a.shape} != PyTorch {tuple(e.shape)}")
+            worst = max(worst, float(np.abs(e.numpy() - a).max()))
+    return worst
+
+
+def _lm_cases(model: LanguageModel, vocab_size: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    cases = []
+    for batch, seq in ((1, 1), (1, 9), (3, 1), (4, 17), (2, 40)):
+        shape = (model.layers, batch, model.hidden_size)
+        cases.append({
+            "tokens": rng.integers(0, vocab_size, (batch, seq), dtype=np.int64),
+            "h0": rng.normal(0, 0.3, shape).astype(np.float32),
+            "c0": rng.normal(0, 0.3, shape).astype(np.float32),
+        })
+    return cases
+
+
+def _sentiment_cases(vocab_size: int, pad_id: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    cases = []
+    for batch, seq in ((1, 1), (1, 12), (3, 7), (5, 30)):
+        lengths = rng.integers(1, seq + 1, batch, dtype=np.int64)
+        lengths[0] = seq
+        tokens = rng.integers(0, vocab_size, (batch, seq), dtype=np.int64)
+        tokens[np.arange(seq)[None, :] >= lengths[:, None]] = pad_id
+        cases.append({"tokens": tokens, "lengths": lengths})
+    return cases
+
+
+def _selftest_checks(outputs: dict[str, np.ndarray], top: int) -> list[dict]:
+    """Sparse expected values: for each output, its `top` largest entries along the last axis
+    at every leading index (enough to catch a wrong or corrupted graph, small enough for JSON)."""
+    checks = []
+    for name, array in outputs.items():
+        flat = array.reshape(-1, array.shape[-1])
+        for row, values in enumerate(flat):
+            leading = list(np.unravel_index(row, array.shape[:-1])) if array.ndim > 1 else []
+            for column in np.argsort(-values)[:top]:
+                checks.append({"output": name, "index": [int(i) for i in leading] + [int(column)],
+                               "value": round(float(values[column]), 6)})
+    return checks
+
+
+def _file_table(out_dir: Path) -> dict:
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def _graph_table(signatures: dict, dims: dict) -> dict:
+    table = {}
+    for graph_name, signature in signatures.items():
+        resolved = {
+            group: {
+                tensor: {"dtype": "int64" if tensor in ("tokens", "lengths") else "float32",
+                         "shape": [dims.get(d, d) for d in shape]}
+                for tensor, shape in signature[group].items()
+            }
+            for group in ("inputs", "outputs")
+        }
+        table[graph_name] = {"file": GRAPH_FILES[graph_name], **resolved}
+    return table
+
+
+def _prepare_dir(store: Path, name: str, version: int | None, force: bool) -> tuple[Path, Path, int]:
+    version = version or next_version(store, name)
+    final = store / name / str(version)
+    if final.exists() and not force:
+        raise ExportError(f"{final} already exists; model versions are immutable (pass --force to replace it)")
+    staging = store / name / f".{version}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return final, staging, version
+
+
+def _finish(staging: Path, final: Path, manifest: dict) -> Path:
+    manifest["files"] = _file_table(staging)
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def _base_manifest(name: str, version: int, task: str, description: str, training: dict) -> dict:
+    return {
+        "name": name, "version": version, "task": task,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "description": description,
+        "training": {**training, "libraries": {"python": platform.python_version(), "torch": torch.__version__,
+                                               "onnx": onnx.__version__, "onnxruntime": ort.__version__}},
+    }
+
+
+def export_language_model(
+    model: LanguageModel,
+    vocab: Vocabulary,
+    store: Path,
+    name: str,
+    *,
+    version: int | None = None,
+    normaliser: str = "ptb",
+    description: str = "",
+    architecture: dict,
+    training: dict,
+    evaluate: Callable[[Path], dict] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``store/name/version/`` with the full and last-position graphs; returns its path.
+    ``evaluate`` (given the staged version directory) measures the metrics on the exported graph."""
+    final, staging, version = _prepare_dir(store, name, version, force)
+    try:
+        model = model.eval()
+        rng = np.random.default_rng(0)
+        cases = _lm_cases(model, len(vocab), rng)
+        example = tuple(torch.from_numpy(v) for v in cases[3].values())
+        graphs = {
+            "full": _to_onnx(model, example, LM_GRAPHS["full"]),
+            "last": _to_onnx(LastPositionLM(model), example, LM_GRAPHS["last"]),
+        }
+        for proto in graphs.values():
+            _untie_transposed_copies(proto.graph)
+        _write_graphs(graphs, staging)
+        parity = {
+            "full": _check_parity(model, _session(staging / "model.onnx"), cases),
+            "last": _check_parity(LastPositionLM(model), _session(staging / "last.onnx"), cases),
+        }
+        _require_parity(parity)
+        vocab.save(staging / "vocab.txt")
+
+        sentences = [["the", "company", "said", "it", "expects"], ["mr.", "<unk>", "is", "chairman"]]
+        selftest_cases = []
+        session = _session(staging / "model.onnx")
+        for sentence in sentences:
+            tokens = np.array([[vocab.eos_id, *vocab.encode(sentence)]], dtype=np.int64)
+            zeros = np.zeros((model.layers, 1, model.hidden_size), dtype=np.float32)
+            feeds = {"tokens": tokens, "h0": zeros, "c0": zeros}
+            log_probs, hn, cn = session.run(None, feeds)
+            selftest_cases.append({
+                "graph": "full",
+                "inputs": {"tokens": tokens.tolist()},
+                "checks": _selftest_checks({"log_probs": log_probs, "hn": hn}, top=3),
+            })
+
+        dims = {"layers": model.layers, "hidden": model.hidden_size, "vocab": len(vocab)}
+        manifest = _base_manifest(name, version, "language-model", description, training)
+        manifest.update({
+            "graphs": _graph_table(LM_GRAPHS, dims),
+            "tokenizer": _tokenizer(normaliser, vocab),
+            "architecture": architecture,
+            "conventions": {"log": "natural", "context_start": EOS},
+            "metrics": evaluate(staging) if evaluate else {},
+            "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
+            "selftest": {"tolerance": 1e-4, "cases": selftest_cases},
+        })
+        return _finish(staging, final, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_sentiment_model(
+    model: SentimentClassifier,
+    vocab: Vocabulary,
+    labels: list[str],
+    store: Path,
+    name: str,
+    *,
+    version: int | None = None,
+    normaliser: str = "sst",
+    description: str = "",
+    architecture: dict,
+    training: dict,
+    evaluate: Callable[[Path], dict] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``store/name/version/`` with the classifier graph; returns its path."""
+    if vocab.pad_id is None:
+        raise ValueError(f"a sentiment vocabulary needs {PAD}")
+    final, staging, version = _prepare_dir(store, name, version, force)
+    try:
+        model = model.eval()
+        rng = np.random.default_rng(0)
+        cases = _sentiment_cases(len(vocab), vocab.pad_id, rng)
+        example = tuple(torch.from_numpy(v) for v in cases[2].values())
+        graphs = {"full": _to_onnx(model, example, SENTIMENT_GRAPHS["full"])}
+        _write_graphs(graphs, staging)
+        session = _session(staging / "model.onnx")
+        parity = {"full": _check_parity(model, session, cases)}
+        _require_parity(parity)
+        vocab.save(staging / "vocab.txt")
+
+        sentences = [["a", "gorgeous", ",", "witty", "film"], ["dull", "and", "tedious"], ["it", "'s", "a", "movie"]]
+        tokens, lengths = _pad([vocab.encode(s) for s in sentences], vocab.pad_id)
+        (probs,) = session.run(None, {"tokens": tokens, "lengths": lengths})
+        selftest = [{
+            "graph": "full",
+            "inputs": {"tokens": tokens.tolist(), "lengths": lengths.tolist()},
+            "checks": _selftest_checks({"probs": probs}, top=len(labels)),
+        }]
+        manifest = _base_manifest(name, version, "sentiment", description, training)
+        manifest.update({
+            "graphs": _graph_table(SENTIMENT_GRAPHS, {"classes": len(labels)}),
+            "tokenizer": _tokenizer(normaliser, vocab),
+            "labels": labels,
+            "architecture": architecture,
+            "metrics": evaluate(staging) if evaluate else {},
+            "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
+            "selftest": {"tolerance": 1e-4, "cases": selftest},
+        })
+        return _finish(staging, final, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    tokens = np.full((len(sequences), lengths.max()), pad_id, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = seq
+    return tokens, lengths
+
+
+def _require_parity(parity: dict[str, float]) -> None:
+    for graph, diff in parity.items():
+        if not diff <= PARITY_TOLERANCE:
+            raise ExportError(f"{graph} graph: onnxruntime differs from PyTorch by {diff:.2e} "
+                              f"(tolerance {PARITY_TOLERANCE:.0e})")
+
+
+def _tokenizer(normaliser: str, vocab: Vocabulary) -> dict:
+    specials = {
+        key: {"token": token, "id": vocab.id(token)} if token in vocab else None
+        for key, token in (("unk", UNK), ("eos", EOS), ("pad", PAD))
+    }
+    return {"normaliser": normaliser, "vocab_file": "vocab.txt", "vocab_size": len(vocab), "special_tokens": specials}

@@ -1,0 +1,188 @@
+"""Training and evaluation of the word-level language model: truncated BPTT with the state
+carried across windows, gradient-norm clipping, SGD with a step-decay schedule, validation
+perplexity after every epoch, best-checkpoint keeping and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.text import EOS, UNK, Vocabulary
+from training.config import LMConfig
+from training.data import DataError, batchify, bptt_windows, encode_lm_corpus, read_lm_corpus
+from training.model import LanguageModel
+from training.report import plot_curves, write_metrics
+
+EVAL_BATCH_SIZE = 10
+
+
+def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
+    return LanguageModel(
+        vocab_size,
+        config.embedding_size,
+        config.hidden_size,
+        config.layers,
+        config.dropout,
+        config.tied,
+        config.init_range,
+    )
+
+
+def learning_rate(config: LMConfig, epoch: int) -> float:
+    """Zaremba's schedule: full rate for ``decay_after`` epochs, then times ``lr_decay`` per epoch."""
+    return config.lr * config.lr_decay ** max(0, epoch - config.decay_after)
+
+
+def train_epoch(
+    model: LanguageModel,
+    data: torch.Tensor,
+    config: LMConfig,
+    optimizer: torch.optim.Optimizer,
+    description: str = "train",
+) -> float:
+    """One pass over batched data [batch, steps]; returns the mean token cross-entropy (nats)."""
+    model.train()
+    state = model.initial_state(data.size(0))
+    total_loss, total_tokens = 0.0, 0
+    windows = (data.size(1) - 1 + config.bptt - 1) // config.bptt
+    progress = tqdm(bptt_windows(data, config.bptt), total=windows, desc=description, unit="win",
+                    mininterval=5, dynamic_ncols=True)
+    started = time.perf_counter()
+    for inputs, targets in progress:
+        # Truncated BPTT: keep the state's value, cut its history.
+        state = tuple(s.detach() for s in state)
+        logits, h, c = model.logits(inputs, *state)
+        state = (h, c)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        # Sum over the window, mean over the batch: the scaling Zaremba's learning rates assume.
+        (loss * inputs.size(1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        total_loss += loss.item() * targets.numel()
+        total_tokens += targets.numel()
+        mean = total_loss / total_tokens
+        progress.set_postfix(refresh=False, loss=f"{mean:.3f}", ppl=f"{math.exp(mean):.1f}",
+                             tok_s=f"{total_tokens / (time.perf_counter() - started):.0f}")
+    return total_loss / total_tokens
+
+
+@torch.no_grad()
+def evaluate_stream(model: LanguageModel, data: torch.Tensor, bptt: int) -> float:
+    """Mean token cross-entropy (nats) over batched data, state carried across windows."""
+    model.eval()
+    state = model.initial_state(data.size(0))
+    total_loss, total_tokens = 0.0, 0
+    for inputs, targets in bptt_windows(data, bptt):
+        logits, h, c = model.logits(inputs, *state)
+        state = (h, c)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        total_loss += loss.item()
+        total_tokens += targets.numel()
+    return total_loss / total_tokens
+
+
+def train_language_model(
+    config: LMConfig,
+    train_path: Path,
+    valid_path: Path,
+    run_dir: Path,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    command: str = "",
+) -> dict:
+    """Train into ``run_dir`` (checkpoint.pt after every epoch, best.pt at the best validation
+    perplexity, metrics.json, curves.png). Returns the metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    train_sentences = read_lm_corpus(train_path)
+    valid_sentences = read_lm_corpus(valid_path)
+
+    if resume:
+        if not checkpoint_path.exists():
+            raise DataError(f"nothing to resume: {checkpoint_path} does not exist")
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        config = LMConfig(**checkpoint["config"])
+        vocab = Vocabulary(checkpoint["vocab"])
+    else:
+        if checkpoint_path.exists():
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it")
+        checkpoint = None
+        # The PTB files already map rare words to <unk>; other corpora keep every word.
+        vocab = Vocabulary.build(train_sentences, specials=(EOS, UNK))
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, len(vocab))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    history: list[dict] = []
+    best_valid = math.inf
+    start_epoch = 1
+    elapsed_before = 0.0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        history = checkpoint["history"]
+        best_valid = checkpoint["best_valid_loss"]
+        start_epoch = checkpoint["epoch"] + 1
+        elapsed_before = checkpoint["train_seconds"]
+        print(f"resuming {run_dir} after epoch {checkpoint['epoch']}")
+
+    vocab.save(run_dir / "vocab.txt")
+    train_data = batchify(encode_lm_corpus(train_sentences, vocab), config.batch_size)
+    valid_data = batchify(encode_lm_corpus(valid_sentences, vocab), EVAL_BATCH_SIZE)
+    print(f"vocabulary {len(vocab)}, train {train_data.numel()} tokens, valid {valid_data.numel()} tokens, "
+          f"{sum(p.numel() for p in model.parameters())} parameters, torch threads {torch.get_num_threads()}")
+
+    session_start = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs + 1):
+        lr = learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch_start = time.perf_counter()
+        train_loss = train_epoch(model, train_data, config, optimizer, f"epoch {epoch}/{config.epochs}")
+        valid_loss = evaluate_stream(model, valid_data, config.bptt)
+        seconds = time.perf_counter() - epoch_start
+        history.append({
+            "epoch": epoch, "lr": lr, "train_ppl": math.exp(train_loss), "valid_ppl": math.exp(valid_loss),
+            "seconds": round(seconds, 1),
+        })
+        improved = valid_loss < best_valid
+        print(f"epoch {epoch:3d} | lr {lr:.4f} | train ppl {math.exp(train_loss):8.2f} | "
+              f"valid ppl {math.exp(valid_loss):8.2f}{' (best)' if improved else ''} | {seconds:.0f}s", flush=True)
+        state = {
+            "config": dataclasses.asdict(config), "vocab": vocab.tokens, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history,
+            "epoch": epoch, "best_valid_loss": min(best_valid, valid_loss),
+            "train_seconds": elapsed_before + time.perf_counter() - session_start, "command": command,
+        }
+        if improved:
+            best_valid = valid_loss
+            torch.save(state, run_dir / "best.pt")
+        torch.save(state, checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+        write_run_report(run_dir, config, history, state["train_seconds"], command, train_path, valid_path)
+        if max_minutes is not None and (time.perf_counter() - session_start) / 60 > max_minutes:
+            print(f"stopping after epoch {epoch}: --max-minutes {max_minutes} reached; continue with --resume")
+            break
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def write_run_report(run_dir: Path, config: LMConfig, history: list[dict], train_seconds: float,
+                     command: str, train_path: Path, valid_path: Path) -> None:
+    best = min(history, key=lambda h: h["valid_ppl"])
+    write_metrics(run_dir, {
+        "task": "language-model", "config": dataclasses.asdict(config), "history": history,
+        "best_epoch": best["epoch"], "best_valid_ppl": best["valid_ppl"], "train_seconds": round(train_seconds, 1),
+        "command": command, "train_file": train_path.name, "valid_file": valid_path.name,
+        "torch": torch.__version__, "python": platform.python_version(),
+    })
+    plot_curves(run_dir / "curves.png", history, ["train_ppl", "valid_ppl"], "perplexity", "language model")
