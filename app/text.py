@@ -34,6 +34,8 @@ _TYPOGRAPHY = str.maketrans(
     }
 )
 
+_INNER_AMPERSAND = re.compile(r"(?<=\w)&(?=\w)")
+_AMPERSAND_MARK = "\ue000"  # a private-use character no user text is expected to contain
 _NUMBER = re.compile(r"^[+-]?(\d+([.,:/]\d+)*|\.\d+)(st|nd|rd|th)?$")
 # PTB keeps the period on initialisms (u.s., p.m.) and on a closed list of abbreviations.
 _WORD_WITH_PERIOD = re.compile(r"^[^.]+\.$")
@@ -52,7 +54,9 @@ _SST_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-
 
 def _treebank_tokens(text: str) -> list[str]:
     text = unicodedata.normalize("NFC", text).translate(_TYPOGRAPHY)
-    return _treebank.tokenize(text)
+    # The treebank keeps "at&t" and "s&p" whole; NLTK would split the ampersand off.
+    text = _INNER_AMPERSAND.sub(_AMPERSAND_MARK, text)
+    return [token.replace(_AMPERSAND_MARK, "&") for token in _treebank.tokenize(text)]
 
 
 def _is_punctuation(token: str) -> bool:

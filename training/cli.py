@@ -10,6 +10,7 @@ from pathlib import Path
 
 from training.config import LM_PRESETS, SENTIMENT_PRESETS, LMConfig, SentimentConfig, with_overrides
 from training.data import DataError
+from training.export import ExportError
 
 EXIT_BAD_INPUT = 2
 
@@ -49,6 +50,45 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--max-minutes", type=float, default=None,
                     help="stop after the epoch that passes this wall time (resume later with --resume)")
     _add_config_options(lm, LMConfig, LM_PRESETS)
+
+    sentiment = commands.add_parser(
+        "train-sentiment", help="train a sentence classifier (SST-2 or SST-5)",
+        description="Train a stacked (bi)LSTM sentence classifier. Files hold '<label> <tokenized sentence>' "
+        "per line (the stsa.* layout); with --trees the model trains on every labelled phrase of the SST trees.",
+    )
+    sentiment.add_argument("--train", type=Path, required=True,
+                           help="training sentences, e.g. ../shared/data/sst2/stsa.binary.train")
+    sentiment.add_argument("--dev", type=Path, required=True, help="dev sentences (model selection)")
+    sentiment.add_argument("--trees", type=Path, default=None,
+                           help="SST tree file whose labelled phrases replace --train as training data "
+                           "(e.g. ../shared/data/sst_trees/trees/train.txt)")
+    sentiment.add_argument("--classes", type=int, choices=(2, 5), default=2, help="2 for SST-2, 5 for SST-5")
+    sentiment.add_argument("--run-dir", type=Path, required=True, help="where best.pt, metrics.json and curves.png go")
+    sentiment.add_argument("--preset", choices=sorted(SENTIMENT_PRESETS), default="default", help="named configuration")
+    _add_config_options(sentiment, SentimentConfig, SENTIMENT_PRESETS)
+
+    export = commands.add_parser(
+        "export", help="export a run's best checkpoint to the model store (ONNX + manifest)",
+        description="Export RUN_DIR/best.pt to STORE/NAME/VERSION: ONNX graphs, a parity check of "
+        "onnxruntime against PyTorch (fails above 1e-4), metrics measured on the exported graph, manifest.json.",
+    )
+    export.add_argument("--run-dir", type=Path, required=True, help="a finished train-lm or train-sentiment run")
+    export.add_argument("--store", type=Path, default=Path("model_store"), help="model store root (default: model_store)")
+    export.add_argument("--name", required=True, help="model name: lower case, digits and '-' (e.g. ptb-lm)")
+    export.add_argument("--version", type=int, default=None, help="version number (default: the next free one)")
+    export.add_argument("--valid", type=Path, default=None, help="validation/dev file to measure on the exported graph")
+    export.add_argument("--test", type=Path, default=None, help="test file to measure on the exported graph")
+    export.add_argument("--description", default="", help="one line for the manifest and GET /models")
+    export.add_argument("--data", default="", help="name of the data set for the manifest (e.g. 'PTB (Mikolov)')")
+    export.add_argument("--force", action="store_true", help="replace an existing version (versions are immutable otherwise)")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="perplexity or accuracy of a model-store version on a file",
+        description="Measure a model-store version with onnxruntime: perplexity for a language model "
+        "(one tokenized sentence per line), accuracy for a classifier ('<label> <sentence>' per line).",
+    )
+    evaluate.add_argument("version_dir", type=Path, help="e.g. model_store/ptb-lm/1")
+    evaluate.add_argument("file", type=Path, help="evaluation data")
     return parser
 
 
@@ -62,7 +102,23 @@ def main(argv: list[str] | None = None) -> int:
 
             config = with_overrides(LM_PRESETS[args.preset], vars(args))
             train_language_model(config, args.train, args.valid, args.run_dir, args.resume, args.max_minutes, command)
-    except (DataError, FileExistsError) as e:
+        elif args.command == "train-sentiment":
+            from training.sentiment import train_sentiment
+
+            config = with_overrides(SENTIMENT_PRESETS[args.preset], vars(args))
+            train_sentiment(config, args.train, args.dev, args.run_dir, args.classes, args.trees, command)
+        elif args.command == "export":
+            from training.export import export_run
+
+            path = export_run(args, command)
+            print(f"exported {path}")
+        elif args.command == "evaluate":
+            import json
+
+            from training.evaluate import evaluate_version
+
+            print(json.dumps(evaluate_version(args.version_dir, args.file), indent=2))
+    except (DataError, FileExistsError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

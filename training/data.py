@@ -3,6 +3,7 @@ batches for the classifier."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +100,53 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     for row, seq in enumerate(sequences):
         tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return tokens, lengths
+
+
+_TREE_TOKEN = re.compile(r"\(\d|\)|[^\s()]+")
+
+
+def _tree_phrases(line: str) -> list[tuple[int, list[str]]]:
+    """Every labelled node of one SST tree, ``(3 (2 The) (2 Rock))``, as (label, leaves)."""
+    phrases: list[tuple[int, list[str]]] = []
+    stack: list[tuple[int, list[str]]] = []
+    for match in _TREE_TOKEN.finditer(line):
+        token = match.group()
+        if token.startswith("("):
+            stack.append((int(token[1:]), []))
+        elif token == ")":
+            if not stack:
+                raise ValueError("unbalanced ')'")
+            label, leaves = stack.pop()
+            phrases.append((label, leaves))
+            if stack:
+                stack[-1][1].extend(leaves)
+        elif stack:
+            stack[-1][1].append(token.lower())
+        else:
+            raise ValueError(f"word {token!r} outside a node")
+    if stack or not phrases:
+        raise ValueError("unbalanced '('" if stack else "no tree")
+    return phrases
+
+
+def read_tree_phrases(path: str | Path, num_classes: int) -> list[LabelledText]:
+    """Every distinct labelled phrase of an SST tree file (``sst_trees/trees/train.txt``),
+    lower-cased like the ``stsa.*`` files. With ``num_classes=2`` neutral phrases are dropped
+    and 0-1 map to negative, 3-4 to positive (the SST-2 convention)."""
+    seen: dict[str, LabelledText] = {}
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            phrases = _tree_phrases(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{number}: not an SST tree ({e})") from None
+        for label, leaves in phrases:
+            if num_classes == 2:
+                if label == 2:
+                    continue
+                label = int(label > 2)
+            seen.setdefault(" ".join(leaves), LabelledText(leaves, label))
+    return list(seen.values())
+
+

@@ -245,9 +245,13 @@ def _prepare_dir(store: Path, name: str, version: int | None, force: bool) -> tu
     return final, staging, version
 
 
-def _finish(staging: Path, final: Path, manifest: dict) -> Path:
+def _finish(staging: Path, final: Path, manifest: dict, evaluate: Callable[[Path], dict] | None) -> Path:
+    """Write the manifest, measure the metrics on the staged graphs, and move the version into place."""
     manifest["files"] = _file_table(staging)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if evaluate:
+        manifest["metrics"] = evaluate(staging)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
@@ -321,11 +325,11 @@ def export_language_model(
             "tokenizer": _tokenizer(normaliser, vocab),
             "architecture": architecture,
             "conventions": {"log": "natural", "context_start": EOS},
-            "metrics": evaluate(staging) if evaluate else {},
+            "metrics": {},
             "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
             "selftest": {"tolerance": 1e-4, "cases": selftest_cases},
         })
-        return _finish(staging, final, manifest)
+        return _finish(staging, final, manifest, evaluate)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -375,11 +379,11 @@ def export_sentiment_model(
             "tokenizer": _tokenizer(normaliser, vocab),
             "labels": labels,
             "architecture": architecture,
-            "metrics": evaluate(staging) if evaluate else {},
+            "metrics": {},
             "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
             "selftest": {"tolerance": 1e-4, "cases": selftest},
         })
-        return _finish(staging, final, manifest)
+        return _finish(staging, final, manifest, evaluate)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -405,3 +409,59 @@ def _tokenizer(normaliser: str, vocab: Vocabulary) -> dict:
         for key, token in (("unk", UNK), ("eos", EOS), ("pad", PAD))
     }
     return {"normaliser": normaliser, "vocab_file": "vocab.txt", "vocab_size": len(vocab), "special_tokens": specials}
+
+
+def export_run(args, export_command: str) -> Path:
+    """The ``export`` command: a run directory's best checkpoint into the model store, with
+    the figures measured on the exported graph. ``args`` carries the CLI options."""
+    from training.data import DataError
+    from training.evaluate import lm_perplexity, sentiment_accuracy
+
+    checkpoint_path = args.run_dir / "best.pt"
+    if not checkpoint_path.exists():
+        raise DataError(f"no best.pt in {args.run_dir}: train a model there first")
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    vocab = Vocabulary(checkpoint["vocab"])
+    config = checkpoint["config"]
+    metrics_file = args.run_dir / "metrics.json"
+    run_metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    training = {
+        "data": args.data,
+        "command": checkpoint.get("command", ""),
+        "export_command": export_command,
+        "seed": config["seed"],
+        "epochs": len(run_metrics.get("history", [])) or checkpoint.get("epoch"),
+        "best_epoch": checkpoint["epoch"],
+        "train_seconds": run_metrics.get("train_seconds", checkpoint.get("train_seconds")),
+        "config": config,
+        "history": run_metrics.get("history", []),
+    }
+    sentiment = "num_classes" in checkpoint
+    measure = sentiment_accuracy if sentiment else lm_perplexity
+    splits = {"valid": args.valid, "test": args.test}
+
+    def evaluate(staged: Path) -> dict:
+        return {split: measure(staged, path) for split, path in splits.items() if path is not None}
+
+    common = dict(version=args.version, description=args.description, training=training, evaluate=evaluate,
+                  force=args.force)
+    if sentiment:
+        from training.sentiment import load_checkpoint
+
+        model, vocab, checkpoint = load_checkpoint(checkpoint_path)
+        architecture = {key: config[key] for key in ("layers", "hidden_size", "embedding_size", "dropout",
+                                                    "bidirectional")}
+        architecture.update(tied=False, pooling="max+mean over valid positions", classes=checkpoint["num_classes"])
+        return export_sentiment_model(model, vocab, checkpoint["labels"], args.store, args.name,
+                                      architecture=architecture, **common)
+
+    from training.config import LMConfig
+    from training.lm import build_model
+
+    lm_config = LMConfig(**config)
+    model = build_model(lm_config, len(vocab))
+    model.load_state_dict(checkpoint["model"])
+    architecture = {"layers": lm_config.layers, "hidden_size": lm_config.hidden_size,
+                    "embedding_size": lm_config.embedding_size, "tied": lm_config.tied,
+                    "dropout": lm_config.dropout, "bidirectional": False}
+    return export_language_model(model, vocab, args.store, args.name, architecture=architecture, **common)

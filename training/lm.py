@@ -41,6 +41,27 @@ def learning_rate(config: LMConfig, epoch: int) -> float:
     return config.lr * config.lr_decay ** max(0, epoch - config.decay_after)
 
 
+def train_step(
+    model: LanguageModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    config: LMConfig,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One truncated-BPTT update on a window; returns the mean token loss and the final state
+    (detached: its value carries into the next window, its history does not)."""
+    logits, h, c = model.logits(inputs, *(s.detach() for s in state))
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    # Sum over the window, mean over the batch: the scaling Zaremba's learning rates assume.
+    (loss * inputs.size(1)).backward()
+    # Exploding gradients (Pascanu et al. 2013): rescale the whole gradient to a bounded norm.
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    return loss.detach(), (h.detach(), c.detach())
+
+
 def train_epoch(
     model: LanguageModel,
     data: torch.Tensor,
@@ -57,16 +78,7 @@ def train_epoch(
                     mininterval=5, dynamic_ncols=True)
     started = time.perf_counter()
     for inputs, targets in progress:
-        # Truncated BPTT: keep the state's value, cut its history.
-        state = tuple(s.detach() for s in state)
-        logits, h, c = model.logits(inputs, *state)
-        state = (h, c)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        # Sum over the window, mean over the batch: the scaling Zaremba's learning rates assume.
-        (loss * inputs.size(1)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
+        loss, state = train_step(model, inputs, targets, state, config, optimizer)
         total_loss += loss.item() * targets.numel()
         total_tokens += targets.numel()
         mean = total_loss / total_tokens

@@ -1,0 +1,94 @@
+"""The training command line: clear messages and exit code 2 for bad input, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from training.cli import EXIT_BAD_INPUT, build_parser, main
+
+PTB_LINES = " the company said it expects N \n mr. <unk> is chairman \n" * 30
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    (tmp_path / "train.txt").write_text(PTB_LINES)
+    (tmp_path / "valid.txt").write_text(PTB_LINES[:200])
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02abc")
+    (tmp_path / "latin1.txt").write_bytes("cr\xe8me br\xfbl\xe9e\n".encode("latin-1"))
+    return tmp_path
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ("missing.txt", "data file not found"),
+        ("empty.txt", "data file is empty"),
+        ("binary.txt", "binary file"),
+        ("latin1.txt", "not valid UTF-8"),
+    ],
+)
+def test_bad_language_model_data_exits_2_with_a_message(corpus, capsys, train, message):
+    code, err = _run(["train-lm", "--train", str(corpus / train), "--valid", str(corpus / "valid.txt"),
+                      "--run-dir", str(corpus / "run")], capsys)
+    assert code == EXIT_BAD_INPUT
+    assert message in err and "Traceback" not in err
+
+
+def test_malformed_sentiment_data_exits_2(corpus, capsys):
+    (corpus / "sst.txt").write_text("1 good\nnot-a-label here\n")
+    code, err = _run(["train-sentiment", "--train", str(corpus / "sst.txt"), "--dev", str(corpus / "sst.txt"),
+                      "--run-dir", str(corpus / "run")], capsys)
+    assert code == EXIT_BAD_INPUT and "sst.txt:2" in err
+
+
+def test_existing_run_and_version_are_not_overwritten(corpus, capsys):
+    args = ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
+            "--run-dir", str(corpus / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "1",
+            "--batch-size", "2", "--bptt", "5"]
+    assert _run(args, capsys)[0] == 0
+    code, err = _run(args, capsys)
+    assert code == EXIT_BAD_INPUT and "--resume" in err
+    # --resume continues the finished run: nothing left to do, the checkpoint stays.
+    assert _run([*args, "--resume"], capsys)[0] == 0
+
+    export = ["export", "--run-dir", str(corpus / "run"), "--store", str(corpus / "store"), "--name", "tiny-lm",
+              "--valid", str(corpus / "valid.txt")]
+    assert _run(export, capsys)[0] == 0
+    manifest = (corpus / "store" / "tiny-lm" / "1" / "manifest.json").read_bytes()
+    code, err = _run([*export, "--version", "1"], capsys)
+    assert code == EXIT_BAD_INPUT and "already exists" in err
+    assert (corpus / "store" / "tiny-lm" / "1" / "manifest.json").read_bytes() == manifest
+    # Without --version the next free version is used.
+    assert _run(export, capsys)[0] == 0
+    assert (corpus / "store" / "tiny-lm" / "2" / "manifest.json").exists()
+
+    code, _ = _run(["evaluate", str(corpus / "store" / "tiny-lm" / "1"), str(corpus / "valid.txt")], capsys)
+    assert code == 0
+    code, err = _run(["evaluate", str(corpus), str(corpus / "valid.txt")], capsys)
+    assert code == EXIT_BAD_INPUT and "no manifest.json" in err
+
+
+def test_help_explains_every_option():
+    parser = build_parser()
+    for command in ("train-lm", "train-sentiment", "export", "evaluate"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{command} {action.option_strings} has no help"
+
+
+def test_real_process_exit_code_and_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "train-lm", "--train", str(tmp_path / "nope.txt"),
+         "--valid", str(tmp_path / "nope.txt"), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == EXIT_BAD_INPUT
+    assert result.stderr.strip() == f"error: data file not found: {tmp_path / 'nope.txt'}"

@@ -1,0 +1,138 @@
+"""Training of the sentence classifier: length-bucketed padded batches, Adam, gradient-norm
+clipping, model selection on dev accuracy, test accuracy reported once for the chosen model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.text import PAD, UNK, Vocabulary
+from training.config import SentimentConfig
+from training.data import DataError, LabelledText, pad_batch, read_labelled, read_tree_phrases
+from training.model import SentimentClassifier
+from training.report import plot_curves, write_metrics
+
+LABELS = {2: ["negative", "positive"], 5: ["very negative", "negative", "neutral", "positive", "very positive"]}
+
+
+def build_model(config: SentimentConfig, vocab: Vocabulary, num_classes: int) -> SentimentClassifier:
+    return SentimentClassifier(
+        len(vocab), config.embedding_size, config.hidden_size, config.layers, config.dropout,
+        config.bidirectional, num_classes, vocab.pad_id,
+    )
+
+
+def batches(examples: list[LabelledText], vocab: Vocabulary, batch_size: int, shuffle: bool, rng: random.Random):
+    """(tokens, lengths, labels) batches of similar lengths, so little compute goes to padding."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), rng.random() if shuffle else i))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(chunks)
+    for chunk in chunks:
+        tokens, lengths = pad_batch([vocab.encode(examples[i].tokens) for i in chunk], vocab.pad_id)
+        yield tokens, lengths, torch.tensor([examples[i].label for i in chunk])
+
+
+@torch.no_grad()
+def accuracy(model: SentimentClassifier, examples: list[LabelledText], vocab: Vocabulary) -> float:
+    model.eval()
+    correct = 0
+    for tokens, lengths, labels in batches(examples, vocab, 256, False, random.Random(0)):
+        correct += int((model.logits(tokens, lengths).argmax(-1) == labels).sum())
+    return correct / len(examples)
+
+
+def train_sentiment(
+    config: SentimentConfig,
+    train_path: Path,
+    dev_path: Path,
+    run_dir: Path,
+    num_classes: int = 2,
+    trees_path: Path | None = None,
+    command: str = "",
+) -> dict:
+    """Train into ``run_dir`` (best.pt by dev accuracy, metrics.json, curves.png)."""
+    if (run_dir / "best.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a trained model; choose another --run-dir")
+    sentences = read_labelled(train_path, num_classes)
+    dev = read_labelled(dev_path, num_classes)
+    train = read_tree_phrases(trees_path, num_classes) if trees_path else sentences
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    vocab = Vocabulary.build((e.tokens for e in train), specials=(PAD, UNK), min_count=config.min_count)
+    vocab.save(run_dir / "vocab.txt")
+    model = build_model(config, vocab, num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    print(f"vocabulary {len(vocab)}, {len(train)} training examples"
+          f"{' (phrases)' if trees_path else ''}, {len(dev)} dev sentences, "
+          f"{sum(p.numel() for p in model.parameters())} parameters")
+
+    history: list[dict] = []
+    best = -math.inf
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        total_loss, seen = 0.0, 0
+        steps = math.ceil(len(train) / config.batch_size)
+        progress = tqdm(batches(train, vocab, config.batch_size, True, rng), total=steps,
+                        desc=f"epoch {epoch}/{config.epochs}", unit="batch", mininterval=5, dynamic_ncols=True)
+        for tokens, lengths, labels in progress:
+            loss = F.cross_entropy(model.logits(tokens, lengths), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            total_loss += loss.item() * labels.numel()
+            seen += labels.numel()
+            progress.set_postfix(refresh=False, loss=f"{total_loss / seen:.3f}",
+                                 ex_s=f"{seen / (time.perf_counter() - epoch_start):.0f}")
+        dev_accuracy = accuracy(model, dev, vocab)
+        train_accuracy = accuracy(model, sentences, vocab)
+        history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": train_accuracy,
+                        "dev_accuracy": dev_accuracy, "seconds": round(time.perf_counter() - epoch_start, 1)})
+        improved = dev_accuracy > best
+        print(f"epoch {epoch:3d} | loss {total_loss / seen:.4f} | train acc {train_accuracy:.4f} | "
+              f"dev acc {dev_accuracy:.4f}{' (best)' if improved else ''}", flush=True)
+        if improved:
+            best = dev_accuracy
+            torch.save({"config": dataclasses.asdict(config), "vocab": vocab.tokens, "model": model.state_dict(),
+                        "num_classes": num_classes, "labels": LABELS[num_classes], "epoch": epoch,
+                        "dev_accuracy": dev_accuracy, "command": command,
+                        "train_file": (trees_path or train_path).name}, run_dir / "best.pt")
+        metrics = {
+            "task": "sentiment", "config": dataclasses.asdict(config), "history": history,
+            "best_epoch": max(history, key=lambda h: h["dev_accuracy"])["epoch"], "best_dev_accuracy": best,
+            "train_seconds": round(time.perf_counter() - started, 1), "command": command,
+            "torch": torch.__version__, "python": platform.python_version(),
+        }
+        write_metrics(run_dir, metrics)
+        plot_curves(run_dir / "curves.png", history, ["train_accuracy", "dev_accuracy"], "accuracy", "sentiment")
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
+    checkpoint["train_seconds"] = metrics["train_seconds"]
+    torch.save(checkpoint, run_dir / "best.pt")
+    return metrics
+
+
+def load_checkpoint(path: Path) -> tuple[SentimentClassifier, Vocabulary, dict]:
+    if not path.exists():
+        raise DataError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, weights_only=False)
+    config = SentimentConfig(**checkpoint["config"])
+    vocab = Vocabulary(checkpoint["vocab"])
+    model = build_model(config, vocab, checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), vocab, checkpoint
+
+
