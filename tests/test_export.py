@@ -132,3 +132,17 @@ def test_existing_version_is_never_overwritten_silently(lm_version):
         export_language_model(model, vocab, path.parent.parent, "tiny-lm", version=1, architecture={}, training={})
     assert (path / "manifest.json").read_bytes() == before
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_int8_graphs_are_listed_and_close_to_the_float_graph(lm_version):
+    _, vocab, path = lm_version
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["graphs"]["full-int8"]["precision"] == "int8"
+    assert manifest["graphs"]["last-int8"]["quantized_from"] == "last"
+    tokens = np.array([[0, 2, 3, 4, 5]], dtype=np.int64)
+    zeros = np.zeros((2, 1, 12), dtype=np.float32)
+    feeds = {"tokens": tokens, "h0": zeros, "c0": zeros}
+    exact = _session(path / "last.onnx").run(None, feeds)[0]
+    quantized = _session(path / "last.int8.onnx").run(None, feeds)[0]
+    # Quantization moves the log-probabilities a little, never wildly.
+    assert 0 < np.abs(exact - quantized).max() < 0.5

@@ -15,6 +15,11 @@ from training.export import ExportError
 EXIT_BAD_INPUT = 2
 
 
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: PyTorch's choice, usually one per core)")
+
+
 def _add_config_options(parser: argparse.ArgumentParser, config_type: type, presets: dict) -> None:
     group = parser.add_argument_group("model and schedule (override the preset)")
     defaults = next(iter(presets.values()))
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
     lm.add_argument("--max-minutes", type=float, default=None,
                     help="stop after the epoch that passes this wall time (resume later with --resume)")
+    _add_threads_option(lm)
     _add_config_options(lm, LMConfig, LM_PRESETS)
 
     sentiment = commands.add_parser(
@@ -65,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sentiment.add_argument("--classes", type=int, choices=(2, 5), default=2, help="2 for SST-2, 5 for SST-5")
     sentiment.add_argument("--run-dir", type=Path, required=True, help="where best.pt, metrics.json and curves.png go")
     sentiment.add_argument("--preset", choices=sorted(SENTIMENT_PRESETS), default="default", help="named configuration")
+    _add_threads_option(sentiment)
     _add_config_options(sentiment, SentimentConfig, SENTIMENT_PRESETS)
 
     export = commands.add_parser(
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("version_dir", type=Path, help="e.g. model_store/ptb-lm/1")
     evaluate.add_argument("file", type=Path, help="evaluation data")
+    evaluate.add_argument("--graph", default="full", help="which graph of the manifest to run (e.g. full-int8; default: full)")
     return parser
 
 
@@ -96,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = "python -m training " + shlex.join(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "train-lm":
             from training.lm import train_language_model
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from training.evaluate import evaluate_version
 
-            print(json.dumps(evaluate_version(args.version_dir, args.file), indent=2))
+            print(json.dumps(evaluate_version(args.version_dir, args.file, args.graph), indent=2))
     except (DataError, FileExistsError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

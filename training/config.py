@@ -43,7 +43,8 @@ class SentimentConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
     min_count: int = 1
-    phrases: bool = True  # train on every labelled phrase of the SST trees, not only sentences
+    pretrained: str = ""  # "minilm": start the embeddings from pretrained word vectors (training/embeddings.py)
+    embedding_scale: float = 1.0  # the pretrained unit vectors are multiplied by this
     seed: int = 1234
 
 

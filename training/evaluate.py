@@ -16,7 +16,7 @@ from training.data import DataError, read_labelled, read_lm_corpus
 LM_EVAL_WINDOW = 35
 
 
-def _load(version_dir: Path) -> tuple[dict, Vocabulary, ort.InferenceSession]:
+def _load(version_dir: Path, graph: str = "full") -> tuple[dict, Vocabulary, ort.InferenceSession]:
     manifest_path = version_dir / "manifest.json"
     if not manifest_path.exists():
         raise DataError(f"not a model-store version (no manifest.json): {version_dir}")
@@ -24,16 +24,18 @@ def _load(version_dir: Path) -> tuple[dict, Vocabulary, ort.InferenceSession]:
     vocab = Vocabulary.load(version_dir / manifest["tokenizer"]["vocab_file"])
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(version_dir / manifest["graphs"]["full"]["file"]), options,
+    if graph not in manifest["graphs"]:
+        raise DataError(f"{version_dir} has no {graph!r} graph; it has {', '.join(manifest['graphs'])}")
+    session = ort.InferenceSession(str(version_dir / manifest["graphs"][graph]["file"]), options,
                                    providers=["CPUExecutionProvider"])
     return manifest, vocab, session
 
 
-def lm_perplexity(version_dir: Path, path: Path) -> dict:
+def lm_perplexity(version_dir: Path, path: Path, graph: str = "full") -> dict:
     """Perplexity of a pre-tokenized corpus (one sentence per line, ``<eos>`` after each),
     read as one stream with batch 1 and the state carried across windows: the test
     convention of Zaremba et al."""
-    manifest, vocab, session = _load(version_dir)
+    manifest, vocab, session = _load(version_dir, graph)
     if manifest["task"] != "language-model":
         raise DataError(f"{version_dir} is a {manifest['task']} model, not a language model")
     ids = [i for sentence in read_lm_corpus(path) for i in (*vocab.encode(sentence), vocab.eos_id)]
@@ -48,12 +50,12 @@ def lm_perplexity(version_dir: Path, path: Path) -> dict:
         log_probs, h, c = session.run(None, {"tokens": inputs, "h0": h, "c0": c})
         total -= float(log_probs[0, np.arange(targets.size), targets].sum())
     tokens = stream.shape[1] - 1
-    return {"perplexity": round(math.exp(total / tokens), 3), "tokens": tokens, "file": path.name}
+    return {"perplexity": round(math.exp(total / tokens), 3), "tokens": tokens, "file": path.name, "graph": graph}
 
 
-def sentiment_accuracy(version_dir: Path, path: Path) -> dict:
+def sentiment_accuracy(version_dir: Path, path: Path, graph: str = "full") -> dict:
     """Accuracy on an ``stsa.*``-style file (``<label> <tokenized sentence>`` per line)."""
-    manifest, vocab, session = _load(version_dir)
+    manifest, vocab, session = _load(version_dir, graph)
     if manifest["task"] != "sentiment":
         raise DataError(f"{version_dir} is a {manifest['task']} model, not a sentiment model")
     examples = read_labelled(path, len(manifest["labels"]))
@@ -66,12 +68,13 @@ def sentiment_accuracy(version_dir: Path, path: Path) -> dict:
             tokens[row, : len(example.tokens)] = vocab.encode(example.tokens)
         (probs,) = session.run(None, {"tokens": tokens, "lengths": lengths})
         correct += int((probs.argmax(-1) == np.array([e.label for e in chunk])).sum())
-    return {"accuracy": round(correct / len(examples), 4), "examples": len(examples), "file": path.name}
+    return {"accuracy": round(correct / len(examples), 4), "examples": len(examples), "file": path.name,
+            "graph": graph}
 
 
-def evaluate_version(version_dir: Path, path: Path) -> dict:
+def evaluate_version(version_dir: Path, path: Path, graph: str = "full") -> dict:
     """Perplexity or accuracy, by the version's task."""
-    manifest, _, _ = _load(version_dir)
+    manifest, _, _ = _load(version_dir, graph)
     if manifest["task"] == "language-model":
-        return lm_perplexity(version_dir, path)
-    return sentiment_accuracy(version_dir, path)
+        return lm_perplexity(version_dir, path, graph)
+    return sentiment_accuracy(version_dir, path, graph)

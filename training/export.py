@@ -68,7 +68,24 @@ SENTIMENT_GRAPHS = {
         "outputs": {"probs": ["batch", "classes"]},
     },
 }
-GRAPH_FILES = {"full": "model.onnx", "last": "last.onnx"}
+GRAPH_FILES = {"full": "model.onnx", "last": "last.onnx", "full-int8": "model.int8.onnx",
+               "last-int8": "last.int8.onnx"}
+# Dynamic int8 quantization (weights int8 ahead of time, activations per call) of the matrix
+# products and LSTMs; the embedding lookup stays float32 and is shared with the float graphs.
+INT8_OP_TYPES = ["LSTM", "MatMul", "Gemm"]
+
+
+def _quantized(proto: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
+    """The int8 twin of a float graph (onnxruntime's dynamic quantization)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = scratch / "float.onnx", scratch / "int8.onnx"
+    onnx.save_model(proto, str(source))
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES)
+    quantized = onnx.load(str(target))
+    source.unlink()
+    target.unlink()
+    return quantized
 
 
 def sha256_file(path: Path) -> str:
@@ -219,9 +236,13 @@ def _file_table(out_dir: Path) -> dict:
     }
 
 
-def _graph_table(signatures: dict, dims: dict) -> dict:
+def _graph_table(signatures: dict, dims: dict, names: list[str]) -> dict:
+    """The manifest's ``graphs``: file, precision and resolved signature of each written graph.
+    An int8 graph has its float twin's signature."""
     table = {}
-    for graph_name, signature in signatures.items():
+    for graph_name in names:
+        float_name = graph_name.removesuffix("-int8")
+        signature = signatures[float_name]
         resolved = {
             group: {
                 tensor: {"dtype": "int64" if tensor in ("tokens", "lengths") else "float32",
@@ -230,7 +251,9 @@ def _graph_table(signatures: dict, dims: dict) -> dict:
             }
             for group in ("inputs", "outputs")
         }
-        table[graph_name] = {"file": GRAPH_FILES[graph_name], **resolved}
+        precision = {"precision": "int8", "quantized_from": float_name} if graph_name != float_name else {
+            "precision": "float32"}
+        table[graph_name] = {"file": GRAPH_FILES[graph_name], **precision, **resolved}
     return table
 
 
@@ -294,8 +317,10 @@ def export_language_model(
             "full": _to_onnx(model, example, LM_GRAPHS["full"]),
             "last": _to_onnx(LastPositionLM(model), example, LM_GRAPHS["last"]),
         }
-        for proto in graphs.values():
-            _untie_transposed_copies(proto.graph)
+        # Quantize before untying: the int8 decoder needs the transposed matrix as a constant.
+        graphs.update({f"{graph}-int8": _quantized(proto, staging) for graph, proto in list(graphs.items())})
+        for graph in ("full", "last"):
+            _untie_transposed_copies(graphs[graph].graph)
         _write_graphs(graphs, staging)
         parity = {
             "full": _check_parity(model, _session(staging / "model.onnx"), cases),
@@ -321,7 +346,7 @@ def export_language_model(
         dims = {"layers": model.layers, "hidden": model.hidden_size, "vocab": len(vocab)}
         manifest = _base_manifest(name, version, "language-model", description, training)
         manifest.update({
-            "graphs": _graph_table(LM_GRAPHS, dims),
+            "graphs": _graph_table(LM_GRAPHS, dims, list(graphs)),
             "tokenizer": _tokenizer(normaliser, vocab),
             "architecture": architecture,
             "conventions": {"log": "natural", "context_start": EOS},
@@ -359,6 +384,7 @@ def export_sentiment_model(
         cases = _sentiment_cases(len(vocab), vocab.pad_id, rng)
         example = tuple(torch.from_numpy(v) for v in cases[2].values())
         graphs = {"full": _to_onnx(model, example, SENTIMENT_GRAPHS["full"])}
+        graphs["full-int8"] = _quantized(graphs["full"], staging)
         _write_graphs(graphs, staging)
         session = _session(staging / "model.onnx")
         parity = {"full": _check_parity(model, session, cases)}
@@ -375,7 +401,7 @@ def export_sentiment_model(
         }]
         manifest = _base_manifest(name, version, "sentiment", description, training)
         manifest.update({
-            "graphs": _graph_table(SENTIMENT_GRAPHS, {"classes": len(labels)}),
+            "graphs": _graph_table(SENTIMENT_GRAPHS, {"classes": len(labels)}, list(graphs)),
             "tokenizer": _tokenizer(normaliser, vocab),
             "labels": labels,
             "architecture": architecture,
@@ -441,7 +467,11 @@ def export_run(args, export_command: str) -> Path:
     splits = {"valid": args.valid, "test": args.test}
 
     def evaluate(staged: Path) -> dict:
-        return {split: measure(staged, path) for split, path in splits.items() if path is not None}
+        metrics = {split: measure(staged, path) for split, path in splits.items() if path is not None}
+        if args.valid is not None:
+            # The int8 graph's change, on validation data only.
+            metrics["valid_int8"] = measure(staged, args.valid, graph="full-int8")
+        return metrics
 
     common = dict(version=args.version, description=args.description, training=training, evaluate=evaluate,
                   force=args.force)

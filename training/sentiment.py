@@ -73,6 +73,8 @@ def train_sentiment(
     vocab = Vocabulary.build((e.tokens for e in train), specials=(PAD, UNK), min_count=config.min_count)
     vocab.save(run_dir / "vocab.txt")
     model = build_model(config, vocab, num_classes)
+    if config.pretrained:
+        _load_pretrained(model, vocab, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     print(f"vocabulary {len(vocab)}, {len(train)} training examples"
           f"{' (phrases)' if trees_path else ''}, {len(dev)} dev sentences, "
@@ -123,6 +125,19 @@ def train_sentiment(
     checkpoint["train_seconds"] = metrics["train_seconds"]
     torch.save(checkpoint, run_dir / "best.pt")
     return metrics
+
+
+def _load_pretrained(model: SentimentClassifier, vocab: Vocabulary, config: SentimentConfig) -> None:
+    if config.pretrained != "minilm":
+        raise DataError(f"unknown pretrained vectors {config.pretrained!r}; known: minilm")
+    from training.embeddings import minilm_word_vectors
+
+    vectors = minilm_word_vectors(vocab.tokens)
+    if vectors.size(1) != config.embedding_size:
+        raise DataError(f"minilm vectors have {vectors.size(1)} dimensions; pass --embedding-size {vectors.size(1)}")
+    with torch.no_grad():
+        model.embedding.weight.copy_(vectors * config.embedding_scale)
+        model.embedding.weight[vocab.pad_id].zero_()
 
 
 def load_checkpoint(path: Path) -> tuple[SentimentClassifier, Vocabulary, dict]:
