@@ -109,7 +109,8 @@ def test_manifest_describes_graphs_tokenizer_and_selftest(lm_version):
     for case in manifest["selftest"]["cases"]:
         tokens = np.array(case["inputs"]["tokens"], dtype=np.int64)
         zeros = np.zeros((2, tokens.shape[0], 12), dtype=np.float32)
-        outputs = dict(zip(["log_probs", "hn", "cn"], session.run(None, {"tokens": tokens, "h0": zeros, "c0": zeros})))
+        run = session.run(None, {"tokens": tokens, "h0": zeros, "c0": zeros})
+        outputs = dict(zip(["log_probs", "hn", "cn"], run, strict=True))
         for check in case["checks"]:
             assert outputs[check["output"]][tuple(check["index"])] == pytest.approx(check["value"], abs=1e-4)
 

@@ -17,7 +17,7 @@ from app.text import EOS, PAD, UNK, Vocabulary, get_normaliser, normalise_ptb, n
          ["mr.", "smith", "of", "the", "u.s.", "treasury", "ca", "n't", "comment"]),
         ("AT&T's 30-year bonds (rated \u201cAAA\u201d) fell.",
          ["at&t", "'s", "30-year", "bonds", "rated", "aaa", "fell"]),
-        ("We'll see. I'm sure you've heard; he'd agree", 
+        ("We'll see. I'm sure you've heard; he'd agree",
          ["we", "'ll", "see", "i", "'m", "sure", "you", "'ve", "heard", "he", "'d", "agree"]),
         ("The investors' shares", ["the", "investors", "'", "shares"]),
         ("", []),

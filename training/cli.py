@@ -80,14 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
         "onnxruntime against PyTorch (fails above 1e-4), metrics measured on the exported graph, manifest.json.",
     )
     export.add_argument("--run-dir", type=Path, required=True, help="a finished train-lm or train-sentiment run")
-    export.add_argument("--store", type=Path, default=Path("model_store"), help="model store root (default: model_store)")
+    export.add_argument("--store", type=Path, default=Path("model_store"),
+                        help="model store root (default: model_store)")
     export.add_argument("--name", required=True, help="model name: lower case, digits and '-' (e.g. ptb-lm)")
     export.add_argument("--version", type=int, default=None, help="version number (default: the next free one)")
-    export.add_argument("--valid", type=Path, default=None, help="validation/dev file to measure on the exported graph")
+    export.add_argument("--valid", type=Path, default=None,
+                        help="validation/dev file to measure on the exported graph")
     export.add_argument("--test", type=Path, default=None, help="test file to measure on the exported graph")
     export.add_argument("--description", default="", help="one line for the manifest and GET /models")
     export.add_argument("--data", default="", help="name of the data set for the manifest (e.g. 'PTB (Mikolov)')")
-    export.add_argument("--force", action="store_true", help="replace an existing version (versions are immutable otherwise)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing version (versions are immutable otherwise)")
 
     evaluate = commands.add_parser(
         "evaluate", help="perplexity or accuracy of a model-store version on a file",
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("version_dir", type=Path, help="e.g. model_store/ptb-lm/1")
     evaluate.add_argument("file", type=Path, help="evaluation data")
-    evaluate.add_argument("--graph", default="full", help="which graph of the manifest to run (e.g. full-int8; default: full)")
+    evaluate.add_argument("--graph", default="full",
+                          help="which graph of the manifest to run (e.g. full-int8; default: full)")
     return parser
 
 

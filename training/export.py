@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import platform
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from app.text import EOS, PAD, UNK, Vocabulary
 from training.model import LanguageModel, SentimentClassifier
 
 OPSET = 17
+MODEL_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 PARITY_TOLERANCE = 1e-4
 WEIGHTS_FILE = "weights.bin"
 # Tensors at least this large go to the shared weights file; small ones stay inline.
@@ -50,14 +52,15 @@ class LastPositionLM(nn.Module):
         return torch.log_softmax(logits, dim=-1), hn, cn
 
 
+_LM_INPUTS = {"tokens": ["batch", "seq"], "h0": ["layers", "batch", "hidden"], "c0": ["layers", "batch", "hidden"]}
 LM_GRAPHS = {
     "full": {
-        "inputs": {"tokens": ["batch", "seq"], "h0": ["layers", "batch", "hidden"], "c0": ["layers", "batch", "hidden"]},
+        "inputs": _LM_INPUTS,
         "outputs": {"log_probs": ["batch", "seq", "vocab"], "hn": ["layers", "batch", "hidden"],
                     "cn": ["layers", "batch", "hidden"]},
     },
     "last": {
-        "inputs": {"tokens": ["batch", "seq"], "h0": ["layers", "batch", "hidden"], "c0": ["layers", "batch", "hidden"]},
+        "inputs": _LM_INPUTS,
         "outputs": {"log_probs": ["batch", "vocab"], "hn": ["layers", "batch", "hidden"],
                     "cn": ["layers", "batch", "hidden"]},
     },
@@ -258,6 +261,10 @@ def _graph_table(signatures: dict, dims: dict, names: list[str]) -> dict:
 
 
 def _prepare_dir(store: Path, name: str, version: int | None, force: bool) -> tuple[Path, Path, int]:
+    if not MODEL_NAME.fullmatch(name):
+        raise ExportError(f"model name {name!r} must be lower-case letters, digits and '-'")
+    if version is not None and version < 1:
+        raise ExportError(f"version must be a positive integer, got {version}")
     version = version or next_version(store, name)
     final = store / name / str(version)
     if final.exists() and not force:
@@ -284,7 +291,7 @@ def _finish(staging: Path, final: Path, manifest: dict, evaluate: Callable[[Path
 def _base_manifest(name: str, version: int, task: str, description: str, training: dict) -> dict:
     return {
         "name": name, "version": version, "task": task,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "description": description,
         "training": {**training, "libraries": {"python": platform.python_version(), "torch": torch.__version__,
                                                "onnx": onnx.__version__, "onnxruntime": ort.__version__}},

@@ -1,0 +1,79 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, model registry, inference
+pool, metrics, routes, error handlers and middleware together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.errors import install_error_handlers
+from app.metrics import ServiceMetrics
+from app.middleware import BodySizeLimit, RequestMetrics
+from app.registry import ModelRegistry
+from app.routes import health, models
+from app.routes.docs import install_docs
+from app.routes.inference import inference_router
+from app.runtime import InferencePool
+from app.schemas import Limits, request_schemas
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Next-word prediction and sentence scoring with an LSTM language model, and sentence sentiment,
+served from the model store with onnxruntime.
+
+Every error has one shape: `{"error": {"code", "message", "details"}}`. Log-probabilities are
+natural logs; the language model's context starts at a sentence boundary (`<eos>`).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service. Models load in the background after start-up; ``/health/ready`` answers 200
+    once they are verified, self-tested and warm."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+    registry = ModelRegistry(
+        settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer
+    )
+    pool = InferencePool(settings.max_waiting_requests)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("loading models from %s with %d onnxruntime threads", settings.model_store,
+                 settings.intra_op_threads)
+        loading = asyncio.create_task(asyncio.to_thread(registry.load_all))
+        try:
+            yield
+        finally:
+            registry.stop_loading()
+            loading.cancel()
+            pool.close()
+
+    app = FastAPI(
+        title="lstm-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.pool = pool
+    app.state.metrics = metrics
+
+    install_error_handlers(app)
+    limits = Limits(settings.max_text_chars, settings.max_texts, settings.max_text_tokens)
+    app.include_router(inference_router(request_schemas(limits)))
+    app.include_router(models.router)
+    app.include_router(health.router)
+    install_docs(app)
+    # The last one added runs first: metrics see every answer, 413s included.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app

@@ -1,0 +1,55 @@
+"""Prometheus metrics. Each app owns its registry, so two apps in one process (tests) do not
+share counters. With several uvicorn workers each worker reports its own numbers."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from app.runtime import InferenceObserver
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lstm_serve_http_requests", "HTTP requests answered, by route template and status code.",
+            ["method", "endpoint", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lstm_serve_http_request_duration_seconds", "Time to answer an HTTP request, by route template.",
+            ["method", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.errors = Counter(
+            "lstm_serve_http_errors", "HTTP responses with status >= 400, by route template and status code.",
+            ["endpoint", "status"], registry=self.registry,
+        )
+        self.inference = Histogram(
+            "lstm_serve_inference_duration_seconds", "Wall time of one onnxruntime call, by model and graph.",
+            ["model", "version", "graph"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.models = Gauge(
+            "lstm_serve_model_versions", "Model versions found in the store, by state.",
+            ["state"], registry=self.registry,
+        )
+
+    def observe_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, endpoint, str(status)).inc()
+        self.latency.labels(method, endpoint).observe(seconds)
+        if status >= 400:
+            self.errors.labels(endpoint, str(status)).inc()
+
+    def inference_observer(self, model: str, version: int) -> InferenceObserver:
+        """A callback for one model version's runtime: records each onnxruntime call's duration."""
+
+        def observe(graph: str, seconds: float) -> None:
+            self.inference.labels(model, str(version), graph).observe(seconds)
+
+        return observe
+
+    def exposition(self, model_states: dict[str, int]) -> bytes:
+        """The text exposition format, with the model-state gauge set to ``model_states`` first."""
+        for state, count in model_states.items():
+            self.models.labels(state).set(count)
+        return generate_latest(self.registry)

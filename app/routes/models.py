@@ -1,0 +1,59 @@
+"""GET /models and /models/{name}: what the store holds, from the manifests, and what is in service."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path
+
+from app.errors import ModelNotFound
+from app.registry import ModelRegistry, ModelVersion
+from app.routes.deps import Registry
+from app.schemas import ErrorResponse, ModelInfo, ModelList, ModelVersionInfo
+
+router = APIRouter(tags=["models"])
+
+
+def _version_info(entry: ModelVersion) -> ModelVersionInfo:
+    manifest = entry.manifest
+    return ModelVersionInfo(
+        version=entry.version,
+        state=entry.state.value,
+        reason=entry.reason,
+        task=entry.task,
+        created=manifest.created if manifest else None,
+        description=manifest.description if manifest else None,
+        vocab_size=manifest.tokenizer.vocab_size if manifest else None,
+        labels=manifest.labels if manifest else None,
+        architecture=manifest.architecture if manifest else None,
+        training=manifest.training if manifest else None,
+        metrics=manifest.metrics if manifest else None,
+    )
+
+
+def _model_info(registry: ModelRegistry, name: str, versions: list[ModelVersion]) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        task=next((v.task for v in versions if v.task), None),
+        default_version=registry.default_version(name),
+        versions=[_version_info(v) for v in versions],
+    )
+
+
+@router.get("/models", summary="Every model in the store")
+async def list_models(registry: Registry) -> ModelList:
+    """Each model with its versions: state (`serving`, `failed` with the reason, or `loading`), task,
+    architecture, metrics and vocabulary size from the manifest."""
+    names = sorted({v.name for v in registry.versions()})
+    return ModelList(
+        models=[_model_info(registry, name, [v for v in registry.versions() if v.name == name]) for name in names]
+    )
+
+
+@router.get("/models/{name}", summary="One model's versions", responses={404: {"model": ErrorResponse}})
+async def get_model(
+    registry: Registry, name: str = Path(description="Model name, e.g. `ptb-lm`.", max_length=64)
+) -> ModelInfo:
+    """One model's versions, as in `GET /models`."""
+    versions = [v for v in registry.versions() if v.name == name]
+    if not versions:
+        raise ModelNotFound("there is no such model", {"available": sorted({v.name for v in registry.versions()})})
+    return _model_info(registry, name, versions)

@@ -1,0 +1,285 @@
+"""The HTTP API's request and response bodies. Requests are strict (a number where a string
+belongs is a 422) and refuse unknown keys. The request classes are built per app by
+``request_schemas`` so the configured limits are both enforced and published in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODEL_SPEC_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?$"
+MAX_TOP_K = 100
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_chars: int
+    max_texts: int
+    max_text_tokens: int
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _one_of_text_or_texts(request: BaseModel) -> None:
+    if len({"text", "texts"} & request.model_fields_set) != 1:
+        raise ValueError("give exactly one of 'text' and 'texts'")
+
+
+# Optional fields below default to None meaning "not given"; their JSON schema does not allow
+# null, and strict validation refuses an explicit null.
+ModelSpec = Annotated[
+    str,
+    Field(
+        pattern=MODEL_SPEC_PATTERN,
+        description="Model to use: `name` (its highest version in service) or `name@version`. "
+        "Default: the task's default model (`ptb-lm` / `sst2-sentiment` when present).",
+        examples=["ptb-lm", "ptb-lm@1"],
+    ),
+]
+
+ONE_OF_TEXT_OR_TEXTS: dict[str, Any] = {"oneOf": [{"required": ["text"]}, {"required": ["texts"]}]}
+
+
+@dataclass(frozen=True)
+class RequestSchemas:
+    predict_next: type[_Request]
+    score: type[_Request]
+    sentiment: type[_Request]
+
+
+def request_schemas(limits: Limits) -> RequestSchemas:
+    """Request bodies with ``limits`` as JSON-schema constraints (``maxLength``, ``maxItems``)."""
+    token_rule = f"at most {limits.max_text_tokens} tokens after normalisation (else 422 too_many_tokens)"
+    Text = Annotated[
+        str, Field(max_length=limits.max_text_chars, description=f"At most {limits.max_text_chars} characters, "
+                   f"{token_rule}.")
+    ]
+    Texts = Annotated[
+        list[Text],
+        Field(min_length=1, max_length=limits.max_texts,
+              description=f"1 to {limits.max_texts} texts, each at most {limits.max_text_chars} characters and "
+              f"{token_rule}."),
+    ]
+
+    class PredictNextRequest(_Request):
+        """The prefix of a sentence whose next word is wanted."""
+
+        model_config = ConfigDict(json_schema_extra={"examples": [{"text": "the company said it", "top_k": 3}]})
+
+        text: Text = Field(
+            "", description=f"Prefix; empty asks for the first word of a sentence. At most "
+            f"{limits.max_text_chars} characters and {limits.max_text_tokens} tokens.",
+        )
+        top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many words to return.")
+        include_special: bool = Field(False, description="Also rank `<eos>`, `<unk>` and `<pad>`.")
+        model: ModelSpec = None  # type: ignore[assignment]
+
+    class ScoreRequest(_Request):
+        """Texts to score with the language model. Give exactly one of `text` and `texts`."""
+
+        model_config = ConfigDict(json_schema_extra={
+            **ONE_OF_TEXT_OR_TEXTS,
+            "examples": [{"texts": ["the stock fell", "the stock fel"], "rank": True}],
+        })
+
+        text: Text = None  # type: ignore[assignment]
+        texts: Texts = None  # type: ignore[assignment]
+        count_eos: bool = Field(True, description="Score the closing `<eos>` too (the PTB perplexity convention).")
+        rank: bool = Field(
+            False, description="Also return the texts' indices ranked by total log-probability, best first "
+            "(n-best rescoring).",
+        )
+        model: ModelSpec = None  # type: ignore[assignment]
+
+        @model_validator(mode="after")
+        def _one_text_field(self) -> ScoreRequest:
+            _one_of_text_or_texts(self)
+            return self
+
+    class SentimentRequest(_Request):
+        """Texts to classify. Give exactly one of `text` and `texts`."""
+
+        model_config = ConfigDict(json_schema_extra={
+            **ONE_OF_TEXT_OR_TEXTS,
+            "examples": [{"text": "a gorgeous, witty film"}],
+        })
+
+        text: Text = None  # type: ignore[assignment]
+        texts: Texts = None  # type: ignore[assignment]
+        model: ModelSpec = None  # type: ignore[assignment]
+
+        @model_validator(mode="after")
+        def _one_text_field(self) -> SentimentRequest:
+            _one_of_text_or_texts(self)
+            return self
+
+    return RequestSchemas(PredictNextRequest, ScoreRequest, SentimentRequest)
+
+
+class ModelRef(_Response):
+    name: str
+    version: int
+
+
+class NextWord(_Response):
+    word: str
+    probability: float = Field(description="In [0, 1].")
+    log_prob: float = Field(description="Natural log of `probability`.")
+
+
+class PredictNextResponse(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": {"name": "ptb-lm", "version": 1},
+        "tokens": ["the", "company", "said", "it"],
+        "unknown": [],
+        "predictions": [
+            {"word": "will", "probability": 0.0912, "log_prob": -2.3948},
+            {"word": "is", "probability": 0.0674, "log_prob": -2.6971},
+            {"word": "has", "probability": 0.0532, "log_prob": -2.9337},
+        ],
+    }]})
+
+    model: ModelRef
+    tokens: list[str] = Field(description="The prefix as the model saw it, after normalisation, "
+                              "unknown words as `<unk>`; the context also starts with an implicit `<eos>`.")
+    unknown: list[str] = Field(description="The words that became `<unk>`, in order.")
+    predictions: list[NextWord] = Field(description="Most probable first.")
+
+
+class ScoreConventions(_Response):
+    log_base: Literal["e"] = Field("e", description="Log-probabilities are natural logs.")
+    context_start: str = Field(description="Token the model is fed before each text.")
+    closing_eos_counted: bool = Field(description="Whether the closing `<eos>` is scored and counted.")
+    perplexity: Literal["exp(-total_log_prob / token_count)"] = "exp(-total_log_prob / token_count)"
+
+
+class TokenLogProb(_Response):
+    token: str
+    log_prob: float = Field(description="Natural log of the token's probability given its left context.")
+
+
+class TextScore(_Response):
+    index: int = Field(description="Position of the text in the request.")
+    tokens: list[str] = Field(description="The text after normalisation, unknown words as `<unk>`.")
+    unknown: list[str]
+    token_log_probs: list[TokenLogProb] = Field(description="One per scored token, closing `<eos>` last when counted.")
+    total_log_prob: float
+    token_count: int
+    perplexity: float | None = Field(description="exp(-total_log_prob / token_count); null when nothing was scored.")
+
+
+class ScoreResponse(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": {"name": "ptb-lm", "version": 1},
+        "conventions": {"log_base": "e", "context_start": "<eos>", "closing_eos_counted": True,
+                        "perplexity": "exp(-total_log_prob / token_count)"},
+        "results": [{
+            "index": 0, "tokens": ["the", "stock", "fell"], "unknown": [],
+            "token_log_probs": [{"token": "the", "log_prob": -2.91}, {"token": "stock", "log_prob": -6.12},
+                                {"token": "fell", "log_prob": -5.02}, {"token": "<eos>", "log_prob": -3.3}],
+            "total_log_prob": -17.35, "token_count": 4, "perplexity": 76.6,
+        }],
+        "ranking": None,
+    }]})
+
+    model: ModelRef
+    conventions: ScoreConventions
+    results: list[TextScore] = Field(description="In request order.")
+    ranking: list[int] | None = Field(description="With `rank`: text indices by total log-probability, best first.")
+
+
+class SentimentResult(_Response):
+    index: int = Field(description="Position of the text in the request.")
+    label: str
+    probabilities: dict[str, float] = Field(description="Probability per label; they sum to 1.")
+    tokens: list[str] = Field(description="The text after normalisation, unknown words as `<unk>`.")
+    unknown: list[str]
+
+
+class SentimentResponse(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": {"name": "sst2-sentiment", "version": 1},
+        "labels": ["negative", "positive"],
+        "results": [{"index": 0, "label": "positive", "probabilities": {"negative": 0.04, "positive": 0.96},
+                     "tokens": ["a", "gorgeous", ",", "witty", "film"], "unknown": []}],
+    }]})
+
+    model: ModelRef
+    labels: list[str]
+    results: list[SentimentResult] = Field(description="In request order.")
+
+
+class ModelVersionInfo(_Response):
+    version: int
+    state: Literal["loading", "serving", "failed"]
+    reason: str | None = Field(description="Why the version is out of service, when it is.")
+    task: str | None
+    created: str | None
+    description: str | None
+    vocab_size: int | None
+    labels: list[str] | None
+    architecture: dict[str, Any] | None
+    training: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+
+
+class ModelInfo(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "ptb-lm", "task": "language-model", "default_version": 1,
+        "versions": [{
+            "version": 1, "state": "serving", "reason": None, "task": "language-model",
+            "created": "2025-01-01T00:00:00+00:00", "description": "2x400 tied LSTM on PTB",
+            "vocab_size": 10000, "labels": None,
+            "architecture": {"layers": 2, "hidden_size": 400, "embedding_size": 400, "tied": True},
+            "training": {"dataset": "ptb"}, "metrics": {"valid_perplexity": 110.0, "test_perplexity": 106.0},
+        }],
+    }]})
+
+    name: str
+    task: str | None
+    default_version: int | None = Field(description="Version served when a request names no version.")
+    versions: list[ModelVersionInfo]
+
+
+class ModelList(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": ModelInfo.model_json_schema()["examples"]}]})
+
+    models: list[ModelInfo]
+
+
+class Liveness(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "alive"}]})
+
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready", "serving": ["ptb-lm@1"],
+                                                               "failed": []}]})
+
+    status: Literal["ready"] = "ready"
+    serving: list[str]
+    failed: list[str]
+
+
+class ErrorBody(_Response):
+    code: str = Field(description="Stable machine-readable code, e.g. `validation_error`, `model_not_found`.")
+    message: str
+    details: Any = Field(description="Structured context; never the client's text.")
+
+
+class ErrorResponse(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "error": {"code": "model_not_found", "message": "there is no model 'nope'",
+                  "details": {"available": ["ptb-lm@1"]}},
+    }]})
+
+    error: ErrorBody
