@@ -1,5 +1,6 @@
 """The training command line: clear messages and exit code 2 for bad input, never a traceback."""
 
+import json
 import subprocess
 import sys
 
@@ -92,3 +93,17 @@ def test_real_process_exit_code_and_message(tmp_path):
     )
     assert result.returncode == EXIT_BAD_INPUT
     assert result.stderr.strip() == f"error: data file not found: {tmp_path / 'nope.txt'}"
+
+
+def test_interrupted_run_resumes_where_it_stopped(corpus, capsys):
+    args = ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
+            "--run-dir", str(corpus / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "3",
+            "--batch-size", "2", "--bptt", "5"]
+    # --max-minutes 0 stops after the first epoch, as a session running out of time would.
+    assert _run([*args, "--max-minutes", "0"], capsys)[0] == 0
+    metrics = json.loads((corpus / "run" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1]
+    assert _run([*args, "--resume"], capsys)[0] == 0
+    metrics = json.loads((corpus / "run" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert metrics["config"]["epochs"] == 3
