@@ -107,3 +107,17 @@ def test_interrupted_run_resumes_where_it_stopped(corpus, capsys):
     metrics = json.loads((corpus / "run" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert metrics["config"]["epochs"] == 3
+
+
+def test_resume_may_change_the_schedule_but_not_the_model(corpus, capsys):
+    args = ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
+            "--run-dir", str(corpus / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "1",
+            "--batch-size", "2", "--bptt", "5"]
+    assert _run(args, capsys)[0] == 0
+    code, err = _run([*args, "--resume", "--hidden-size", "16"], capsys)
+    assert code == EXIT_BAD_INPUT and "cannot change hidden_size" in err
+    assert _run([*args, "--resume", "--epochs", "2", "--decay-after", "1"], capsys)[0] == 0
+    metrics = json.loads((corpus / "run" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][1]["lr"] == 0.5
+    assert metrics["command"].count("train-lm") == 2

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, metrics.json and curves.png go")
     lm.add_argument("--preset", choices=sorted(LM_PRESETS), default="small",
                     help="named configuration: Zaremba et al.'s small/medium/large, or 'cpu' (default: small)")
-    lm.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    lm.add_argument("--resume", action="store_true",
+                    help="continue the run in RUN_DIR from its last checkpoint, with its configuration; "
+                    "schedule options given now (--epochs, --lr, --lr-decay, --decay-after, --max-grad-norm) apply")
     lm.add_argument("--max-minutes", type=float, default=None,
                     help="stop after the epoch that passes this wall time (resume later with --resume)")
     _add_threads_option(lm)
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             from training.lm import train_language_model
 
             config = with_overrides(LM_PRESETS[args.preset], vars(args))
-            train_language_model(config, args.train, args.valid, args.run_dir, args.resume, args.max_minutes, command)
+            given = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name) is not None}
+            train_language_model(config, args.train, args.valid, args.run_dir, args.resume, args.max_minutes,
+                                 command, given)
         elif args.command == "train-sentiment":
             from training.sentiment import train_sentiment
 

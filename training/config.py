@@ -45,6 +45,8 @@ class SentimentConfig:
     min_count: int = 1
     pretrained: str = ""  # "minilm": start the embeddings from pretrained word vectors (training/embeddings.py)
     embedding_scale: float = 1.0  # the pretrained unit vectors are multiplied by this
+    freeze_embeddings: bool = False  # keep the (pretrained) embeddings fixed while training
+    evals_per_epoch: int = 1  # dev evaluations (and chances to keep the best model) per epoch
     seed: int = 1234
 
 

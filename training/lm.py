@@ -22,6 +22,7 @@ from training.model import LanguageModel
 from training.report import plot_curves, write_metrics
 
 EVAL_BATCH_SIZE = 10
+SCHEDULE_FIELDS = frozenset({"epochs", "lr", "lr_decay", "decay_after", "max_grad_norm"})
 
 
 def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
@@ -110,9 +111,13 @@ def train_language_model(
     resume: bool = False,
     max_minutes: float | None = None,
     command: str = "",
+    overrides: dict | None = None,
 ) -> dict:
     """Train into ``run_dir`` (checkpoint.pt after every epoch, best.pt at the best validation
-    perplexity, metrics.json, curves.png). Returns the metrics."""
+    perplexity, metrics.json, curves.png). Returns the metrics.
+
+    On resume the run keeps its checkpoint's configuration; ``overrides`` (the options given
+    explicitly) may change only the schedule (`SCHEDULE_FIELDS`), for example to extend a run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
     train_sentences = read_lm_corpus(train_path)
@@ -122,7 +127,15 @@ def train_language_model(
         if not checkpoint_path.exists():
             raise DataError(f"nothing to resume: {checkpoint_path} does not exist")
         checkpoint = torch.load(checkpoint_path, weights_only=False)
-        config = LMConfig(**checkpoint["config"])
+        saved = LMConfig(**checkpoint["config"])
+        changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != v}
+        fixed = sorted(set(changed) - SCHEDULE_FIELDS)
+        if fixed:
+            raise DataError(f"cannot change {', '.join(fixed)} when resuming; only {', '.join(sorted(SCHEDULE_FIELDS))}")
+        config = dataclasses.replace(saved, **changed)
+        if changed:
+            print(f"resuming with a new schedule: {changed}")
+        command = f"{checkpoint['command']} && {command}"
         vocab = Vocabulary(checkpoint["vocab"])
     else:
         if checkpoint_path.exists():

@@ -75,7 +75,9 @@ def train_sentiment(
     model = build_model(config, vocab, num_classes)
     if config.pretrained:
         _load_pretrained(model, vocab, config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model.embedding.weight.requires_grad_(not config.freeze_embeddings)
+    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=config.lr,
+                                 weight_decay=config.weight_decay)
     print(f"vocabulary {len(vocab)}, {len(train)} training examples"
           f"{' (phrases)' if trees_path else ''}, {len(dev)} dev sentences, "
           f"{sum(p.numel() for p in model.parameters())} parameters")
@@ -83,14 +85,15 @@ def train_sentiment(
     history: list[dict] = []
     best = -math.inf
     started = time.perf_counter()
+    steps = math.ceil(len(train) / config.batch_size)
+    eval_every = max(1, math.ceil(steps / config.evals_per_epoch))
     for epoch in range(1, config.epochs + 1):
         model.train()
         epoch_start = time.perf_counter()
         total_loss, seen = 0.0, 0
-        steps = math.ceil(len(train) / config.batch_size)
         progress = tqdm(batches(train, vocab, config.batch_size, True, rng), total=steps,
                         desc=f"epoch {epoch}/{config.epochs}", unit="batch", mininterval=5, dynamic_ncols=True)
-        for tokens, lengths, labels in progress:
+        for step, (tokens, lengths, labels) in enumerate(progress, start=1):
             loss = F.cross_entropy(model.logits(tokens, lengths), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -100,19 +103,23 @@ def train_sentiment(
             seen += labels.numel()
             progress.set_postfix(refresh=False, loss=f"{total_loss / seen:.3f}",
                                  ex_s=f"{seen / (time.perf_counter() - epoch_start):.0f}")
-        dev_accuracy = accuracy(model, dev, vocab)
-        train_accuracy = accuracy(model, sentences, vocab)
-        history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": train_accuracy,
-                        "dev_accuracy": dev_accuracy, "seconds": round(time.perf_counter() - epoch_start, 1)})
-        improved = dev_accuracy > best
-        print(f"epoch {epoch:3d} | loss {total_loss / seen:.4f} | train acc {train_accuracy:.4f} | "
-              f"dev acc {dev_accuracy:.4f}{' (best)' if improved else ''}", flush=True)
-        if improved:
-            best = dev_accuracy
-            torch.save({"config": dataclasses.asdict(config), "vocab": vocab.tokens, "model": model.state_dict(),
-                        "num_classes": num_classes, "labels": LABELS[num_classes], "epoch": epoch,
-                        "dev_accuracy": dev_accuracy, "command": command,
-                        "train_file": (trees_path or train_path).name}, run_dir / "best.pt")
+            if step % eval_every and step != steps:
+                continue
+            dev_accuracy = accuracy(model, dev, vocab)
+            train_accuracy = accuracy(model, sentences, vocab)
+            model.train()
+            point = round(epoch - 1 + step / steps, 2)
+            history.append({"epoch": point, "train_loss": total_loss / seen, "train_accuracy": train_accuracy,
+                            "dev_accuracy": dev_accuracy, "seconds": round(time.perf_counter() - epoch_start, 1)})
+            improved = dev_accuracy > best
+            tqdm.write(f"epoch {point:6.2f} | loss {total_loss / seen:.4f} | train acc {train_accuracy:.4f} | "
+                       f"dev acc {dev_accuracy:.4f}{' (best)' if improved else ''}")
+            if improved:
+                best = dev_accuracy
+                torch.save({"config": dataclasses.asdict(config), "vocab": vocab.tokens, "model": model.state_dict(),
+                            "num_classes": num_classes, "labels": LABELS[num_classes], "epoch": point,
+                            "dev_accuracy": dev_accuracy, "command": command,
+                            "train_file": (trees_path or train_path).name}, run_dir / "best.pt")
         metrics = {
             "task": "sentiment", "config": dataclasses.asdict(config), "history": history,
             "best_epoch": max(history, key=lambda h: h["dev_accuracy"])["epoch"], "best_dev_accuracy": best,
