@@ -60,6 +60,24 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(
         64, ge=1, description="Inference requests allowed to wait for a model; more get 429."
     )
+    cache_bytes: int = Field(
+        64 << 20, ge=0,
+        description="Prefix-state cache bound in bytes (LSTM state + next-word distribution per cached prefix); "
+        "0 disables it.",
+    )
+    batching: bool = Field(
+        True, description="Group work from requests that arrive together into shared onnxruntime calls.",
+    )
+    batch_max_size: int = Field(32, ge=1, description="Rows (texts, prefixes) per grouped onnxruntime call.")
+    batch_max_wait_ms: float = Field(
+        1.0, ge=0, le=100,
+        description="How long work waits for companions while other requests are in flight, in milliseconds; "
+        "a request alone in the service never waits.",
+    )
+    default_precision: Literal["float32", "int8"] = Field(
+        "float32", description="Graphs a request runs on when it names no precision (int8 where the model has "
+        "int8 graphs, else float32).",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
 
     @model_validator(mode="after")

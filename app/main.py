@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.batching import InferenceScheduler, MicroBatcher
+from app.cache import PrefixStateCache
 from app.config import Settings
 from app.errors import install_error_handlers
 from app.metrics import ServiceMetrics
@@ -37,10 +39,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     once they are verified, self-tested and warm."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
+    cache = PrefixStateCache(settings.cache_bytes)
+    metrics.watch_cache(cache)
     registry = ModelRegistry(
-        settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer
+        settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer, cache
     )
     pool = InferencePool(settings.max_waiting_requests)
+    batcher = (
+        MicroBatcher(pool, settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.max_waiting_requests)
+        if settings.batching else None
+    )
+    scheduler = InferenceScheduler(pool, batcher, settings.default_precision)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.pool = pool
+    app.state.scheduler = scheduler
     app.state.metrics = metrics
 
     install_error_handlers(app)

@@ -3,11 +3,38 @@ share counters. With several uvicorn workers each worker reports its own numbers
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.cache import PrefixStateCache
 from app.runtime import InferenceObserver
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class PrefixCacheCollector(Collector):
+    """Reads the prefix-state cache's counters at scrape time."""
+
+    def __init__(self, cache: PrefixStateCache):
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.cache.stats()
+        for name, value, text in (
+            ("hits", stats.hits, "Next-word lookups that found a cached prefix (the whole prefix or a shorter one)."),
+            ("misses", stats.misses, "Next-word lookups that found no cached prefix."),
+            ("evictions", stats.evictions, "Entries dropped to stay within the byte bound."),
+        ):
+            yield CounterMetricFamily(f"lstm_serve_prefix_cache_{name}", text, value=value)
+        yield GaugeMetricFamily("lstm_serve_prefix_cache_bytes", "Bytes the cached prefix states take.",
+                                value=stats.bytes)
+        yield GaugeMetricFamily("lstm_serve_prefix_cache_entries", "Prefixes cached.", value=stats.entries)
+        yield GaugeMetricFamily("lstm_serve_prefix_cache_max_bytes", "The cache's byte bound (0: disabled).",
+                                value=self.cache.max_bytes)
 
 
 class ServiceMetrics:
@@ -29,6 +56,11 @@ class ServiceMetrics:
             "lstm_serve_inference_duration_seconds", "Wall time of one onnxruntime call, by model and graph.",
             ["model", "version", "graph"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.batch_rows = Histogram(
+            "lstm_serve_inference_batch_rows",
+            "Rows (texts or prefix steps, from one or more requests) per onnxruntime call, by model and graph.",
+            ["model", "version", "graph"], buckets=BATCH_BUCKETS, registry=self.registry,
+        )
         self.models = Gauge(
             "lstm_serve_model_versions", "Model versions found in the store, by state.",
             ["state"], registry=self.registry,
@@ -40,11 +72,16 @@ class ServiceMetrics:
         if status >= 400:
             self.errors.labels(endpoint, str(status)).inc()
 
-    def inference_observer(self, model: str, version: int) -> InferenceObserver:
-        """A callback for one model version's runtime: records each onnxruntime call's duration."""
+    def watch_cache(self, cache: PrefixStateCache) -> None:
+        self.registry.register(PrefixCacheCollector(cache))
 
-        def observe(graph: str, seconds: float) -> None:
+    def inference_observer(self, model: str, version: int) -> InferenceObserver:
+        """A callback for one model version's runtime: records each onnxruntime call's duration
+        and batch size."""
+
+        def observe(graph: str, seconds: float, rows: int) -> None:
             self.inference.labels(model, str(version), graph).observe(seconds)
+            self.batch_rows.labels(model, str(version), graph).observe(rows)
 
         return observe
 

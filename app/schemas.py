@@ -45,6 +45,16 @@ ModelSpec = Annotated[
     ),
 ]
 
+PrecisionField = Annotated[
+    Literal["float32", "int8"],
+    Field(
+        description="Graphs to run: `float32`, or `int8` (dynamically quantized; faster, slightly different "
+        "numbers; 422 `precision_unavailable` for a model without int8 graphs). Default: the service's "
+        "configured default precision where the model has it, else float32.",
+    ),
+]
+PrecisionUsed = Annotated[Literal["float32", "int8"], Field(description="Precision of the graphs that answered.")]
+
 ONE_OF_TEXT_OR_TEXTS: dict[str, Any] = {"oneOf": [{"required": ["text"]}, {"required": ["texts"]}]}
 
 
@@ -81,6 +91,7 @@ def request_schemas(limits: Limits) -> RequestSchemas:
         top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many words to return.")
         include_special: bool = Field(False, description="Also rank `<eos>`, `<unk>` and `<pad>`.")
         model: ModelSpec = None  # type: ignore[assignment]
+        precision: PrecisionField = None  # type: ignore[assignment]
 
     class ScoreRequest(_Request):
         """Texts to score with the language model. Give exactly one of `text` and `texts`."""
@@ -98,6 +109,7 @@ def request_schemas(limits: Limits) -> RequestSchemas:
             "(n-best rescoring).",
         )
         model: ModelSpec = None  # type: ignore[assignment]
+        precision: PrecisionField = None  # type: ignore[assignment]
 
         @model_validator(mode="after")
         def _one_text_field(self) -> ScoreRequest:
@@ -115,6 +127,7 @@ def request_schemas(limits: Limits) -> RequestSchemas:
         text: Text = None  # type: ignore[assignment]
         texts: Texts = None  # type: ignore[assignment]
         model: ModelSpec = None  # type: ignore[assignment]
+        precision: PrecisionField = None  # type: ignore[assignment]
 
         @model_validator(mode="after")
         def _one_text_field(self) -> SentimentRequest:
@@ -138,6 +151,7 @@ class NextWord(_Response):
 class PredictNextResponse(_Response):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": {"name": "ptb-lm", "version": 1},
+        "precision": "float32",
         "tokens": ["the", "company", "said", "it"],
         "unknown": [],
         "predictions": [
@@ -148,6 +162,7 @@ class PredictNextResponse(_Response):
     }]})
 
     model: ModelRef
+    precision: PrecisionUsed
     tokens: list[str] = Field(description="The prefix as the model saw it, after normalisation, "
                               "unknown words as `<unk>`; the context also starts with an implicit `<eos>`.")
     unknown: list[str] = Field(description="The words that became `<unk>`, in order.")
@@ -179,6 +194,7 @@ class TextScore(_Response):
 class ScoreResponse(_Response):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": {"name": "ptb-lm", "version": 1},
+        "precision": "float32",
         "conventions": {"log_base": "e", "context_start": "<eos>", "closing_eos_counted": True,
                         "perplexity": "exp(-total_log_prob / token_count)"},
         "results": [{
@@ -191,6 +207,7 @@ class ScoreResponse(_Response):
     }]})
 
     model: ModelRef
+    precision: PrecisionUsed
     conventions: ScoreConventions
     results: list[TextScore] = Field(description="In request order.")
     ranking: list[int] | None = Field(description="With `rank`: text indices by total log-probability, best first.")
@@ -207,12 +224,14 @@ class SentimentResult(_Response):
 class SentimentResponse(_Response):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": {"name": "sst2-sentiment", "version": 1},
+        "precision": "float32",
         "labels": ["negative", "positive"],
         "results": [{"index": 0, "label": "positive", "probabilities": {"negative": 0.04, "positive": 0.96},
                      "tokens": ["a", "gorgeous", ",", "witty", "film"], "unknown": []}],
     }]})
 
     model: ModelRef
+    precision: PrecisionUsed
     labels: list[str]
     results: list[SentimentResult] = Field(description="In request order.")
 
@@ -225,6 +244,7 @@ class ModelVersionInfo(_Response):
     created: str | None
     description: str | None
     vocab_size: int | None
+    precisions: list[str] | None = Field(description="Precisions a request may ask for (`float32`, `int8`).")
     labels: list[str] | None
     architecture: dict[str, Any] | None
     training: dict[str, Any] | None
@@ -237,7 +257,7 @@ class ModelInfo(_Response):
         "versions": [{
             "version": 1, "state": "serving", "reason": None, "task": "language-model",
             "created": "2025-01-01T00:00:00+00:00", "description": "2x400 tied LSTM on PTB",
-            "vocab_size": 10000, "labels": None,
+            "vocab_size": 10000, "precisions": ["float32", "int8"], "labels": None,
             "architecture": {"layers": 2, "hidden_size": 400, "embedding_size": 400, "tied": True},
             "training": {"dataset": "ptb"}, "metrics": {"valid_perplexity": 110.0, "test_perplexity": 106.0},
         }],

@@ -131,7 +131,8 @@ def train_language_model(
         changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != v}
         fixed = sorted(set(changed) - SCHEDULE_FIELDS)
         if fixed:
-            raise DataError(f"cannot change {', '.join(fixed)} when resuming; only {', '.join(sorted(SCHEDULE_FIELDS))}")
+            allowed = ", ".join(sorted(SCHEDULE_FIELDS))
+            raise DataError(f"cannot change {', '.join(fixed)} when resuming; only {allowed}")
         config = dataclasses.replace(saved, **changed)
         if changed:
             print(f"resuming with a new schedule: {changed}")

@@ -6,17 +6,17 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.batching import InferenceScheduler
 from app.metrics import ServiceMetrics
 from app.registry import ModelRegistry
-from app.runtime import InferencePool
 
 
 def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_pool(request: Request) -> InferencePool:
-    return request.app.state.pool
+def get_scheduler(request: Request) -> InferenceScheduler:
+    return request.app.state.scheduler
 
 
 def get_metrics(request: Request) -> ServiceMetrics:
@@ -24,5 +24,5 @@ def get_metrics(request: Request) -> ServiceMetrics:
 
 
 Registry = Annotated[ModelRegistry, Depends(get_registry)]
-Pool = Annotated[InferencePool, Depends(get_pool)]
+Scheduler = Annotated[InferenceScheduler, Depends(get_scheduler)]
 Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
 from app.errors import InvalidJSON, UnsupportedMediaType
-from app.routes.deps import Pool, Registry
+from app.routes.deps import Registry, Scheduler
 from app.runtime import Tokenised
 from app.schemas import (
     ErrorResponse,
@@ -54,8 +54,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over the size limit (`body_too_large`).",
         415: "Body is not `application/json` (`unsupported_media_type`).",
         422: "Body fails the schema (`validation_error`), is not JSON or not UTF-8 (`invalid_json`), a text has "
-             "too many tokens (`too_many_tokens`) or none (`empty_text`), or the model is of another task "
-             "(`wrong_task`).",
+             "too many tokens (`too_many_tokens`) or none (`empty_text`), the model is of another task "
+             "(`wrong_task`) or has no graphs of the precision asked for (`precision_unavailable`).",
         429: "Too many requests waiting for a model (`overloaded`).",
         503: "Models still loading (`not_ready`) or the model is out of service (`model_unavailable`).",
     }.items()
@@ -78,24 +78,28 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
     router = APIRouter(tags=["inference"], route_class=JSONBodyRoute, responses=ERRORS)
 
     @router.post("/predict-next", summary="Most probable next words after a prefix")
-    async def predict_next(body: requests.predict_next, registry: Registry, pool: Pool) -> PredictNextResponse:
+    async def predict_next(body: requests.predict_next, registry: Registry,
+                           scheduler: Scheduler) -> PredictNextResponse:
         """Top-k next words after the prefix, from the language model's distribution at the last
-        position (natural-log probabilities). Special tokens are left out unless `include_special`."""
+        position (natural-log probabilities). Special tokens are left out unless `include_special`.
+        A prefix that extends one seen before runs only its new words."""
         model = registry.language_model(body.model)
-        result = await pool.run(model.next_word_distribution, body.text, body.top_k, body.include_special)
+        result, precision = await scheduler.predict_next(model, body.text, body.top_k, body.include_special,
+                                                         body.precision)
         return PredictNextResponse(
             model=_ref(model),
+            precision=precision,
             **_tokens(result.context),
             predictions=[NextWord(word=w.word, probability=w.probability, log_prob=w.log_prob) for w in result.words],
         )
 
     @router.post("/score", summary="Log-probability and perplexity of texts")
-    async def score(body: requests.score, registry: Registry, pool: Pool) -> ScoreResponse:
+    async def score(body: requests.score, registry: Registry, scheduler: Scheduler) -> ScoreResponse:
         """Per-token natural-log probabilities of each text given its left context (starting from
         `<eos>`), their total, the token count and perplexity. With `rank`, also the texts ordered
         by total log-probability, for rescoring an n-best list."""
         model = registry.language_model(body.model)
-        scores = await pool.run(model.score_sentences, _texts(body), body.count_eos)
+        scores, precision = await scheduler.score(model, _texts(body), body.count_eos, body.precision)
         results = [
             TextScore(
                 index=index, **_tokens(s.text),
@@ -107,18 +111,20 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
         ranking = sorted(range(len(scores)), key=lambda i: (-scores[i].total_log_prob, i)) if body.rank else None
         return ScoreResponse(
             model=_ref(model),
+            precision=precision,
             conventions=ScoreConventions(context_start=EOS, closing_eos_counted=body.count_eos),
             results=results,
             ranking=ranking,
         )
 
     @router.post("/sentiment", summary="Sentiment label and per-label probabilities")
-    async def sentiment(body: requests.sentiment, registry: Registry, pool: Pool) -> SentimentResponse:
+    async def sentiment(body: requests.sentiment, registry: Registry, scheduler: Scheduler) -> SentimentResponse:
         """The most probable label of each text and the probability of every label."""
         model = registry.sentiment_model(body.model)
-        classifications = await pool.run(model.classify, _texts(body))
+        classifications, precision = await scheduler.classify(model, _texts(body), body.precision)
         return SentimentResponse(
             model=_ref(model),
+            precision=precision,
             labels=model.labels,
             results=[
                 SentimentResult(index=index, label=c.label, probabilities=c.probabilities, **_tokens(c.text))

@@ -7,9 +7,20 @@ from fastapi import APIRouter, Path
 from app.errors import ModelNotFound
 from app.registry import ModelRegistry, ModelVersion
 from app.routes.deps import Registry
+from app.runtime import PRECISIONS, graph_name
 from app.schemas import ErrorResponse, ModelInfo, ModelList, ModelVersionInfo
 
 router = APIRouter(tags=["models"])
+
+
+def _precisions(entry: ModelVersion) -> list[str] | None:
+    """What a request may ask of this version: the loaded graphs, or before loading what the
+    manifest lists."""
+    if entry.runtime is not None:
+        return list(entry.runtime.precisions)
+    if entry.manifest is None:
+        return None
+    return [p for p in PRECISIONS if graph_name("full", p) in entry.manifest.graphs]
 
 
 def _version_info(entry: ModelVersion) -> ModelVersionInfo:
@@ -22,6 +33,7 @@ def _version_info(entry: ModelVersion) -> ModelVersionInfo:
         created=manifest.created if manifest else None,
         description=manifest.description if manifest else None,
         vocab_size=manifest.tokenizer.vocab_size if manifest else None,
+        precisions=_precisions(entry),
         labels=manifest.labels if manifest else None,
         architecture=manifest.architecture if manifest else None,
         training=manifest.training if manifest else None,

@@ -1,0 +1,51 @@
+"""``python -m bench``: start the service on loopback, load it with wrk (or the Python client),
+compare it with the naive PyTorch baseline and the in-process floor, and save JSON + PNG under
+``bench/results/``.
+
+    python -m bench                              # model_store/, 10 s per measurement
+    python -m bench --store /path/to/store --seconds 5 --client python
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from app.config import available_cpus
+from bench.report import save, summary, targets
+from bench.run import Options, run_benchmark
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse(argv: list[str] | None = None) -> tuple[Options, Path]:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, default=Path("model_store"), help="model store (default: model_store)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="client connections")
+    parser.add_argument("--prefix-lengths", type=int, nargs="+", default=[1, 50, 200],
+                        help="prefix lengths (tokens) for the cache warm/cold latency")
+    parser.add_argument("--prefix-repeats", type=int, default=50, help="timed requests per prefix length and state")
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
+                        help="load generator (auto: wrk where installed)")
+    parser.add_argument("--threads", type=int, default=available_cpus(),
+                        help="onnxruntime / torch intra-op threads (default: available CPUs)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    args = parser.parse_args(argv)
+    options = Options(args.store.resolve(), args.seconds, tuple(args.concurrency), tuple(args.prefix_lengths),
+                      args.prefix_repeats, args.client, args.threads)
+    return options, args.out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    options, out = parse(argv)
+    results = run_benchmark(options)
+    results["targets"] = targets(results)
+    json_path, png_path = save(results, out)
+    print(summary(results))
+    print(f"\nsaved {json_path} and {png_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The benchmark's targets (from the issue), the printed summary, and the saved JSON and PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RSS_LIMIT_MB = 300.0
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target of the issue with its measured ratio and whether it is met."""
+    rows = []
+    prefix = results["prefix_cache"]
+    shortest, longest = min(prefix, key=int), max(prefix, key=int)
+    ratio = prefix[longest]["warm_p50_ms"] / prefix[shortest]["warm_p50_ms"]
+    rows.append({"target": f"next word after a seen {longest}-token prefix: p50 within 1.5x of the "
+                           f"{shortest}-token prefix", "measured": f"{ratio:.2f}x", "met": ratio <= 1.5})
+    c1 = results["service"]["/predict-next"].get("1")
+    if c1 is not None:
+        floor = results["floor"]["/predict-next"]["p50_ms"]
+        overhead = c1["p50_ms"] - floor
+        rows.append({"target": "/predict-next p50 at concurrency 1 within the in-process floor + 1.5 ms",
+                     "measured": f"{c1['p50_ms']:.2f} ms vs floor {floor:.2f} ms (+{overhead:.2f} ms)",
+                     "met": overhead <= 1.5})
+    top = str(max(int(c) for c in results["service"]["/score"]))
+    batched = results["service"]["/score"][top]["requests_per_s"]
+    unbatched = results["service_unbatched"]["/score"][top]["requests_per_s"]
+    naive = results["baseline"]["/score"][top]["requests_per_s"]
+    rows.append({"target": f"/score sentences/s at concurrency {top}: >= 2x batching off",
+                 "measured": f"{batched:.0f} vs {unbatched:.0f}/s = {batched / unbatched:.2f}x",
+                 "met": batched >= 2 * unbatched})
+    rows.append({"target": f"/score sentences/s at concurrency {top}: >= 5x the naive PyTorch baseline",
+                 "measured": f"{batched:.0f} vs {naive:.0f}/s = {batched / naive:.2f}x", "met": batched >= 5 * naive})
+    rss = results["memory"]["after_load"]["rss_mb"]
+    peak = results["memory"]["after_load_test"]["peak_rss_mb"]
+    rows.append({"target": f"service RSS with the models loaded under {RSS_LIMIT_MB:.0f} MB",
+                 "measured": f"{rss:.0f} MB after loading, peak {peak:.0f} MB under load", "met": rss < RSS_LIMIT_MB})
+    return rows
+
+
+def summary(results: dict) -> str:
+    lines = [f"{'endpoint':<14} {'server':<18} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}"]
+    for server in ("service", "service_unbatched", "baseline"):
+        for endpoint, by_concurrency in results[server].items():
+            for concurrency, r in by_concurrency.items():
+                lines.append(f"{endpoint:<14} {server:<18} {concurrency:>4} {r['requests_per_s']:>9.1f} "
+                             f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+    for endpoint, r in results["floor"].items():
+        lines.append(f"{endpoint:<14} {'in-process floor':<18} {1:>4} {r['requests_per_s']:>9.1f} "
+                     f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+    lines.append(f"/score in-process floor, 32 sentences per call: "
+                 f"{results['floor']['/score']['batch32_sentences_per_s']:.0f} sentences/s")
+    lines.append("")
+    lines.append(f"{'prefix tokens':<14} {'warm p50 ms':>12} {'cold p50 ms':>12}")
+    for length, r in results["prefix_cache"].items():
+        lines.append(f"{length:<14} {r['warm_p50_ms']:>12.2f} {r['cold_p50_ms']:>12.2f}")
+    lines.append("")
+    for row in results["targets"]:
+        lines.append(f"[{'met' if row['met'] else 'MISSED':>6}] {row['target']}: {row['measured']}")
+    return "\n".join(lines)
+
+
+def save(results: dict, out: Path) -> tuple[Path, Path]:
+    """``bench-<time>.json`` and ``bench-<time>.png`` under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench-" + results["started"].replace(":", "").replace("+0000", "Z")
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    figure, (throughput, prefix) = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels, groups = [], {"service": [], "baseline": []}
+    for endpoint in results["service"]:
+        for concurrency in results["service"][endpoint]:
+            labels.append(f"{endpoint}\nc={concurrency}")
+            for server in groups:
+                groups[server].append(results[server][endpoint][concurrency]["requests_per_s"])
+    width = 0.4
+    for offset, (server, values) in enumerate(groups.items()):
+        throughput.bar([i + offset * width for i in range(len(labels))], values, width, label=server)
+    throughput.set_xticks([i + width / 2 for i in range(len(labels))], labels, fontsize=8)
+    throughput.set_ylabel("requests/s")
+    throughput.set_title("throughput: service vs naive PyTorch baseline")
+    throughput.legend()
+    lengths = list(results["prefix_cache"])
+    for offset, kind in enumerate(("warm", "cold")):
+        prefix.bar([i + offset * width for i in range(len(lengths))],
+                   [results["prefix_cache"][n][f"{kind}_p50_ms"] for n in lengths], width, label=f"cache {kind}")
+    prefix.set_xticks([i + width / 2 for i in range(len(lengths))], [f"{n} tokens" for n in lengths])
+    prefix.set_ylabel("p50 latency, ms")
+    prefix.set_title("/predict-next after a prefix")
+    prefix.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return json_path, png_path

@@ -1,0 +1,150 @@
+"""One benchmark run: the service (batching on, then off), the naive PyTorch baseline and the
+in-process onnxruntime floor over the same store and request mix, the prefix-cache experiment and
+the service's memory; the figures set against the issue's targets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import random
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.config import available_cpus
+from app.registry import ModelRegistry
+from app.store import discover, read_manifest
+from app.text import Vocabulary
+from bench.load import LoadResult, Workload, drive, time_requests
+from bench.servers import running
+
+ENDPOINTS = ("/predict-next", "/score", "/sentiment")
+# Words the normalisers leave as they are and JSON and Lua strings need no escaping for.
+PLAIN_WORD = re.compile(r"[a-z][a-z0-9]*")
+MAX_WORDS = 2000
+
+
+@dataclass(frozen=True)
+class Options:
+    store: Path
+    seconds: float  # per load measurement
+    concurrency: tuple[int, ...]
+    prefix_lengths: tuple[int, ...]
+    prefix_repeats: int
+    client: str  # "auto" (wrk where installed), "wrk" or "python"
+    threads: int  # onnxruntime intra-op threads for the service, torch threads for the baseline
+
+
+def _words(store: Path, task: str) -> tuple[str, ...]:
+    for version in discover(store):
+        manifest = read_manifest(version)
+        if manifest.task == task:
+            vocab = Vocabulary.load(version.path / manifest.tokenizer.vocab_file)
+            return tuple([t for t in vocab.tokens if PLAIN_WORD.fullmatch(t)][:MAX_WORDS])
+    raise ValueError(f"{store} holds no {task} model")
+
+
+def workloads(store: Path) -> dict[str, Workload]:
+    """The request mix per endpoint: one random text per request (prefixes of 5-20 words, sentences
+    of 10-30 for /score, reviews of 5-25 for /sentiment)."""
+    lm, sentiment = _words(store, "language-model"), _words(store, "sentiment")
+    return {
+        "/predict-next": Workload("/predict-next", '{"text": "%s", "top_k": 5}', lm, 5, 20),
+        "/score": Workload("/score", '{"text": "%s"}', lm, 10, 30),
+        "/sentiment": Workload("/sentiment", '{"text": "%s"}', sentiment, 5, 25),
+    }
+
+
+def _latency_summary(latencies_ms: list[float], seconds: float) -> dict:
+    p50, p99 = np.percentile(latencies_ms, [50, 99]).tolist()
+    return {"requests": len(latencies_ms), "requests_per_s": len(latencies_ms) / seconds, "p50_ms": p50,
+            "p99_ms": p99}
+
+
+def in_process_floor(options: Options, mixes: dict[str, Workload]) -> dict[str, dict]:
+    """The service's runtime called directly (no HTTP, no event loop), one request after another:
+    the least time the same work can take."""
+    registry = ModelRegistry(options.store, options.threads, max_tokens=256)
+    registry.load_all()
+    lm, classifier = registry.language_model(None), registry.sentiment_model(None)
+    work = {
+        "/predict-next": lambda text: lm.next_word_distribution(text, 5),
+        "/score": lambda text: lm.score_sentences([text]),
+        "/sentiment": lambda text: classifier.classify([text]),
+    }
+    rng = random.Random(0)
+    floor = {}
+    for endpoint, run in work.items():
+        latencies = []
+        started = time.perf_counter()
+        while time.perf_counter() - started < options.seconds or len(latencies) < 3:
+            text = mixes[endpoint].text(rng)
+            began = time.perf_counter()
+            run(text)
+            latencies.append((time.perf_counter() - began) * 1000)
+        floor[endpoint] = _latency_summary(latencies, time.perf_counter() - started)
+    # /score with 32 sentences per call: what batching can reach at best.
+    rounds = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < options.seconds or rounds < 1:
+        lm.score_sentences([mixes["/score"].text(rng) for _ in range(32)])
+        rounds += 1
+    floor["/score"]["batch32_sentences_per_s"] = 32 * rounds / (time.perf_counter() - started)
+    return floor
+
+
+def prefix_latencies(base_url: str, options: Options, words: tuple[str, ...]) -> dict[str, dict]:
+    """/predict-next latency after prefixes of each length, each a fresh random word sequence:
+    cold (never seen) and warm (the prefix minus its last word sent just before, untimed)."""
+    rng = random.Random(1)
+    results: dict[str, dict] = {}
+    for length in options.prefix_lengths:
+        prefixes = [[rng.choice(words) for _ in range(length)] for _ in range(2 * options.prefix_repeats)]
+        bodies = [f'{{"text": "{" ".join(p)}", "top_k": 5}}'.encode() for p in prefixes]
+        before = [f'{{"text": "{" ".join(p[:-1])}", "top_k": 5}}'.encode() for p in prefixes]
+        warm = time_requests(base_url, "/predict-next", bodies[::2], before[::2])
+        cold = time_requests(base_url, "/predict-next", bodies[1::2], [None] * len(bodies[1::2]))
+        results[str(length)] = {"warm_p50_ms": statistics.median(warm), "cold_p50_ms": statistics.median(cold),
+                                "warm_p99_ms": float(np.percentile(warm, 99)),
+                                "cold_p99_ms": float(np.percentile(cold, 99))}
+    return results
+
+
+def _load(base_url: str, options: Options, workload: Workload, concurrency: int) -> dict:
+    result: LoadResult = drive(base_url, workload, concurrency, options.seconds, options.client)
+    return result.as_dict()
+
+
+def run_benchmark(options: Options) -> dict:
+    """Every measurement, as a JSON-ready dict (see ``bench.report`` for the targets)."""
+    mixes = workloads(options.store)
+    env = {"LSTM_SERVE_INTRA_OP_THREADS": str(options.threads), "LSTM_SERVE_MAX_TEXT_CHARS": "8000",
+           "BENCH_THREADS": str(options.threads), "LSTM_SERVE_MAX_WAITING_REQUESTS": "256"}
+    results: dict = {
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": available_cpus(), "platform": platform.platform(), "python": platform.python_version()},
+        "options": {"store": str(options.store), "seconds": options.seconds, "concurrency": list(options.concurrency),
+                    "threads": options.threads, "client": options.client},
+        "service": {}, "service_unbatched": {}, "baseline": {},
+    }
+    with running("app", options.store, env) as server:
+        results["memory"] = {"after_load": server.rss_mb()}
+        for endpoint in ENDPOINTS:
+            results["service"][endpoint] = {str(c): _load(server.base_url, options, mixes[endpoint], c)
+                                            for c in options.concurrency}
+        results["prefix_cache"] = prefix_latencies(server.base_url, options, mixes["/predict-next"].words)
+        results["memory"]["after_load_test"] = server.rss_mb()
+    with running("app", options.store, {**env, "LSTM_SERVE_BATCHING": "false"}) as server:
+        results["service_unbatched"]["/score"] = {str(c): _load(server.base_url, options, mixes["/score"], c)
+                                                  for c in options.concurrency}
+    with running("bench.baseline", options.store, env) as server:
+        for endpoint in ENDPOINTS:
+            results["baseline"][endpoint] = {str(c): _load(server.base_url, options, mixes[endpoint], c)
+                                             for c in options.concurrency}
+        results["memory"]["baseline_after_load_test"] = server.rss_mb()
+    results["floor"] = in_process_floor(options, mixes)
+    return results

@@ -1,0 +1,139 @@
+"""The prefix-state cache: a bounded LRU of LSTM states, and next-word answers that are the same
+with it as without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_settings, wait_until_ready
+from starlette.testclient import TestClient
+
+from app.cache import ENTRY_OVERHEAD_BYTES, PrefixState, PrefixStateCache
+from app.main import create_app
+from app.registry import ModelRegistry
+from app.runtime import LanguageModelRuntime
+
+MODEL = ("tiny-lm", 1, "float32")
+
+
+def state(value: float, vocab: int = 10) -> PrefixState:
+    return PrefixState(np.full((2, 4), value, np.float32), np.full((2, 4), value, np.float32),
+                       np.full(vocab, value, np.float32))
+
+
+def entry_bytes(ids: tuple[int, ...], vocab: int = 10) -> int:
+    return state(0, vocab).nbytes + 8 * len(ids) + ENTRY_OVERHEAD_BYTES
+
+
+def test_the_longest_cached_prefix_is_found():
+    cache = PrefixStateCache(1 << 20)
+    cache.put(MODEL, [0, 5], state(1))
+    cache.put(MODEL, [0, 5, 6, 7], state(2))
+    cache.put(MODEL, [0, 9], state(3))
+    assert cache.longest_prefix(MODEL, [0, 5, 6, 7, 8])[0] == 4
+    length, found = cache.longest_prefix(MODEL, [0, 5, 6])
+    assert length == 2 and found is not None and found.h[0, 0] == 1
+    assert cache.longest_prefix(MODEL, [0, 5, 6, 7])[1].h[0, 0] == 2  # exact
+    assert cache.longest_prefix(MODEL, [1, 5]) == (0, None)
+    assert cache.longest_prefix(("tiny-lm", 1, "int8"), [0, 5]) == (0, None)  # other precision
+    assert cache.longest_prefix(("tiny-lm", 2, "float32"), [0, 5]) == (0, None)  # other version
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (3, 3, 3)
+
+
+def test_least_recently_used_entries_are_evicted_to_stay_within_the_byte_bound():
+    size = entry_bytes((0, 1))
+    cache = PrefixStateCache(3 * size)
+    for token in (1, 2, 3):
+        cache.put(MODEL, [0, token], state(token))
+    cache.longest_prefix(MODEL, [0, 1])  # 1 is now the most recently used
+    cache.put(MODEL, [0, 4], state(4))
+    assert cache.longest_prefix(MODEL, [0, 2]) == (0, None)
+    assert cache.longest_prefix(MODEL, [0, 1])[0] == 2
+    stats = cache.stats()
+    assert (stats.evictions, stats.entries, stats.bytes) == (1, 3, 3 * size)
+    assert stats.bytes <= cache.max_bytes
+
+
+def test_a_zero_byte_cache_is_disabled():
+    cache = PrefixStateCache(0)
+    cache.put(MODEL, [0, 1], state(1))
+    assert cache.longest_prefix(MODEL, [0, 1]) == (0, None)
+    assert cache.stats().entries == 0
+
+
+@pytest.fixture(scope="module")
+def language_models(tiny_store) -> tuple[LanguageModelRuntime, LanguageModelRuntime]:
+    """tiny-lm with a prefix cache and without one."""
+    cached = ModelRegistry(tiny_store, threads=1, max_tokens=256, cache=PrefixStateCache(1 << 20))
+    uncached = ModelRegistry(tiny_store, threads=1, max_tokens=256)
+    cached.load_all()
+    uncached.load_all()
+    return cached.language_model("tiny-lm"), uncached.language_model("tiny-lm")
+
+
+def distribution(model: LanguageModelRuntime, text: str, precision="float32") -> dict[str, float]:
+    words = model.next_word_distribution(text, top_k=100, include_special=True, precision=precision).words
+    return {w.word: w.log_prob for w in words}
+
+
+# int8 graphs quantize activations dynamically, with a scale computed per call from the values in
+# it, so reading a prefix in two calls instead of one moves an int8 log-probability (by up to 6e-3
+# on this untrained model); float32 answers do not move.
+TOLERANCE = {"float32": 1e-5, "int8": 2e-2}
+
+
+def assert_same(a: dict[str, float], b: dict[str, float], tolerance: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for word in a:
+        assert abs(a[word] - b[word]) <= tolerance, word
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_growing_prefixes_give_the_uncached_answer(language_models, precision):
+    cached, uncached = language_models
+    words = "the company said it expects the stock fell in the market".split()
+    hits_before = cached.cache.stats().hits
+    for n in range(len(words) + 1):  # an autocomplete client: one more word each time
+        text = " ".join(words[:n])
+        assert_same(distribution(cached, text, precision), distribution(uncached, text, precision),
+                    TOLERANCE[precision])
+    for text in ("the company said it expects the stock fell in the market",  # exact hit
+                 "the company said it expects shares of the new year",  # a shorter prefix, several new tokens
+                 "the company said it will"):  # the prefix minus its last word is cached, another last word
+        assert_same(distribution(cached, text, precision), distribution(uncached, text, precision),
+                    TOLERANCE[precision])
+    assert cached.cache.stats().hits - hits_before >= len(words) + 3
+
+
+def test_a_prefix_extending_a_cached_one_runs_only_its_new_tokens(tiny_store):
+    calls: list[tuple[str, int]] = []
+    registry = ModelRegistry(tiny_store, threads=1, max_tokens=256, cache=PrefixStateCache(1 << 20),
+                             observer=lambda name, version: lambda graph, seconds, rows: calls.append((graph, rows)))
+    registry.load_all()
+    model = registry.language_model("tiny-lm")
+    calls.clear()
+    model.next_word_distribution("the company said it", top_k=3)
+    # Cold: the prefix minus its last word, then the last word, both on the last-position graph.
+    assert calls == [("last", 1), ("last", 1)]
+    calls.clear()
+    model.next_word_distribution("the company said it expects", top_k=3)
+    assert calls == [("last", 1)]
+    calls.clear()
+    model.next_word_distribution("the company said it expects", top_k=3)
+    assert calls == []
+
+
+def test_cache_counters_are_in_metrics(tiny_store):
+    with TestClient(create_app(tiny_settings(tiny_store, cache_bytes=1 << 20))) as client:
+        wait_until_ready(client)
+        for text in ("the", "the company", "the company said"):
+            assert client.post("/predict-next", json={"text": text}).status_code == 200
+        metrics = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("lstm_serve_prefix_cache")}
+    assert values["lstm_serve_prefix_cache_hits_total"] >= 2
+    assert values["lstm_serve_prefix_cache_misses_total"] >= 1
+    assert values["lstm_serve_prefix_cache_evictions_total"] == 0
+    assert 0 < values["lstm_serve_prefix_cache_bytes"] <= 1 << 20
+    assert values["lstm_serve_prefix_cache_max_bytes"] == 1 << 20
