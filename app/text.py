@@ -6,6 +6,7 @@ tokens the model was trained on. Pure Python (plus NLTK's regex tokenizer); no t
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections import Counter
@@ -36,6 +37,8 @@ _TYPOGRAPHY = str.maketrans(
 
 _INNER_AMPERSAND = re.compile(r"(?<=\w)&(?=\w)")
 _AMPERSAND_MARK = "\ue000"  # a private-use character no user text is expected to contain
+_SENTINEL = "x"
+_ALPHANUMERIC = re.compile(r"\w")
 _NUMBER = re.compile(r"^[+-]?(\d+([.,:/]\d+)*|\.\d+)(st|nd|rd|th)?$")
 # PTB keeps the period on initialisms (u.s., p.m.) and on a closed list of abbreviations.
 _WORD_WITH_PERIOD = re.compile(r"^[^.]+\.$")
@@ -53,14 +56,39 @@ _SST_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-
 
 
 def _treebank_tokens(text: str) -> list[str]:
+    """NLTK's treebank tokenization of ``text``, computed chunk by chunk from a cache so that text
+    the service has seen before (a growing autocomplete prefix) costs lookups, not regexes.
+
+    NLTK's rules look no further than the space around a whitespace-separated chunk, except at the
+    end of the text (the final period, and the closing quotes and brackets after it). So every chunk
+    before the last one holding a letter or digit is tokenized on its own between sentinel words,
+    and that last chunk with everything after it is tokenized as one piece. tests/test_text.py
+    checks the result against NLTK on the whole text."""
     text = unicodedata.normalize("NFC", text).translate(_TYPOGRAPHY)
     # The treebank keeps "at&t" and "s&p" whole; NLTK would split the ampersand off.
     text = _INNER_AMPERSAND.sub(_AMPERSAND_MARK, text)
-    return [token.replace(_AMPERSAND_MARK, "&") for token in _treebank.tokenize(text)]
+    chunks = text.split()
+    tail = next((i for i in range(len(chunks) - 1, -1, -1) if _ALPHANUMERIC.search(chunks[i])), 0)
+    tokens: list[str] = []
+    for number, chunk in enumerate(chunks[:tail]):
+        tokens.extend(_in_context(chunk, number == 0, False))
+    if chunks:
+        tokens.extend(_in_context(" ".join(chunks[tail:]), tail == 0, True))
+    return tokens
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _in_context(piece: str, first: bool, last: bool) -> tuple[str, ...]:
+    """The tokens of ``piece`` as NLTK gives them inside a text, with sentinel words standing in for
+    the text before it (unless ``first``) and after it (unless ``last``)."""
+    tokens = _treebank.tokenize(f"{'' if first else _SENTINEL + ' '}{piece}{'' if last else ' ' + _SENTINEL}")
+    tokens = tokens[(0 if first else 1) : (len(tokens) if last else -1)]
+    return tuple(token.replace(_AMPERSAND_MARK, "&") for token in tokens)
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _is_punctuation(token: str) -> bool:
-    return all(unicodedata.category(ch).startswith("P") or unicodedata.category(ch).startswith("S") for ch in token)
+    return all(unicodedata.category(ch)[0] in "PS" for ch in token)
 
 
 def _strip_sentence_period(token: str) -> str:

@@ -1,8 +1,13 @@
 """Normalisers and the vocabulary: raw user text must meet each corpus's conventions."""
 
-import pytest
+import re
 
-from app.text import EOS, PAD, UNK, Vocabulary, get_normaliser, normalise_ptb, normalise_sst
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nltk.tokenize import NLTKWordTokenizer
+
+from app.text import EOS, PAD, UNK, Vocabulary, _treebank_tokens, get_normaliser, normalise_ptb, normalise_sst
 
 
 @pytest.mark.parametrize(
@@ -69,3 +74,19 @@ def test_vocabulary_rejects_duplicates_and_missing_unk():
         Vocabulary([UNK, "a", "a"])
     with pytest.raises(ValueError, match="<unk>"):
         Vocabulary(["a", "b"])
+
+
+_PIECES = ["the", "Mr.", "U.S.", "can't", "dogs'", "it's", "\"", "'", "''", "``", "(", ")", ".", "...", ",", ";", ":",
+           "?", "!", "--", "-", "$", "5", "3.5", "1,000", "%", "&", "AT&T", "x", "end.", "'s", "cannot", "gonna",
+           "[", "]", "{", "}", "<", ">", "#", "@", "/", "\\", "'tis", "n't", "I'm", "they're"]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=12), st.lists(st.sampled_from(["", " ", "  "]), max_size=12))
+@settings(max_examples=400, deadline=None)
+def test_chunked_tokenization_equals_whole_text_tokenization(pieces, glue):
+    """The chunk-by-chunk cache in app.text must give exactly NLTK's answer on the whole text."""
+    text = "".join(p + (glue[i] if i < len(glue) else " ") for i, p in enumerate(pieces))
+    # The whole text through NLTK at once, ampersands inside words protected as app.text does.
+    marked = re.sub(r"(?<=\w)&(?=\w)", "\ue000", " ".join(text.split()))
+    whole = [token.replace("\ue000", "&") for token in NLTKWordTokenizer().tokenize(marked)]
+    assert _treebank_tokens(text) == whole
