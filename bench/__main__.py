@@ -9,6 +9,7 @@ compare it with the naive PyTorch baseline and the in-process floor, and save JS
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from app.config import available_cpus
@@ -16,6 +17,7 @@ from bench.report import save, summary, targets
 from bench.run import Options, run_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SERVING_PYTHON = Path(__file__).resolve().parent.parent / ".venv-serve" / "bin" / "python"
 
 
 def parse(argv: list[str] | None = None) -> tuple[Options, Path]:
@@ -31,9 +33,12 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path]:
     parser.add_argument("--threads", type=int, default=available_cpus(),
                         help="onnxruntime / torch intra-op threads (default: available CPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    parser.add_argument("--service-python", default=str(SERVING_PYTHON) if SERVING_PYTHON.exists() else sys.executable,
+                        help="interpreter that runs the service (default: the serving install made by `make serve`, "
+                        ".venv-serve, where it exists, so RSS is the deployed figure; else this interpreter)")
     args = parser.parse_args(argv)
     options = Options(args.store.resolve(), args.seconds, tuple(args.concurrency), tuple(args.prefix_lengths),
-                      args.prefix_repeats, args.client, args.threads)
+                      args.prefix_repeats, args.client, args.threads, args.service_python)
     return options, args.out
 
 

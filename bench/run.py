@@ -37,6 +37,7 @@ class Options:
     prefix_repeats: int
     client: str  # "auto" (wrk where installed), "wrk" or "python"
     threads: int  # onnxruntime intra-op threads for the service, torch threads for the baseline
+    service_python: str  # interpreter that runs the service: the serving install where there is one
 
 
 def _words(store: Path, task: str) -> tuple[str, ...]:
@@ -128,17 +129,19 @@ def run_benchmark(options: Options) -> dict:
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": available_cpus(), "platform": platform.platform(), "python": platform.python_version()},
         "options": {"store": str(options.store), "seconds": options.seconds, "concurrency": list(options.concurrency),
-                    "threads": options.threads, "client": options.client},
+                    "threads": options.threads, "client": options.client,
+                    "service_python": options.service_python},
         "service": {}, "service_unbatched": {}, "baseline": {},
     }
-    with running("app", options.store, env) as server:
+    with running("app", options.store, env, python=options.service_python) as server:
         results["memory"] = {"after_load": server.rss_mb()}
         for endpoint in ENDPOINTS:
             results["service"][endpoint] = {str(c): _load(server.base_url, options, mixes[endpoint], c)
                                             for c in options.concurrency}
         results["prefix_cache"] = prefix_latencies(server.base_url, options, mixes["/predict-next"].words)
         results["memory"]["after_load_test"] = server.rss_mb()
-    with running("app", options.store, {**env, "LSTM_SERVE_BATCHING": "false"}) as server:
+    with running("app", options.store, {**env, "LSTM_SERVE_BATCHING": "false"},
+                 python=options.service_python) as server:
         results["service_unbatched"]["/score"] = {str(c): _load(server.base_url, options, mixes["/score"], c)
                                                   for c in options.concurrency}
     with running("bench.baseline", options.store, env) as server:

@@ -40,12 +40,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(module: str, store: Path, env: dict[str, str], timeout: float = 120.0) -> Iterator[Server]:
+def running(
+    module: str, store: Path, env: dict[str, str], timeout: float = 120.0, python: str = sys.executable
+) -> Iterator[Server]:
     """``python -m module`` serving ``store`` with ``env`` added to the environment."""
     port = free_port()
     environment = {**os.environ, "LSTM_SERVE_MODEL_STORE": str(store), "LSTM_SERVE_HOST": "127.0.0.1",
                    "LSTM_SERVE_PORT": str(port), "BENCH_PORT": str(port), "LSTM_SERVE_LOG_LEVEL": "warning", **env}
-    process = subprocess.Popen([sys.executable, "-m", module], cwd=REPO, env=environment,
+    process = subprocess.Popen([python, "-m", module], cwd=REPO, env=environment,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
