@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--test", type=Path, default=None, help="test file to measure on the exported graph")
     export.add_argument("--description", default="", help="one line for the manifest and GET /models")
     export.add_argument("--data", default="", help="name of the data set for the manifest (e.g. 'PTB (Mikolov)')")
+    export.add_argument("--note", default="", help="anything a reader of the manifest should know about the run")
     export.add_argument("--force", action="store_true",
                         help="replace an existing version (versions are immutable otherwise)")
 

@@ -463,7 +463,9 @@ def export_run(args, export_command: str) -> Path:
         "command": checkpoint.get("command", ""),
         "export_command": export_command,
         "seed": config["seed"],
-        "epochs": len(run_metrics.get("history", [])) or checkpoint.get("epoch"),
+        # Epochs trained (the last evaluated point; fractional where dev was evaluated mid-epoch).
+        "epochs": run_metrics["history"][-1]["epoch"] if run_metrics.get("history") else checkpoint.get("epoch"),
+        "note": args.note,
         "best_epoch": checkpoint["epoch"],
         "train_seconds": run_metrics.get("train_seconds", checkpoint.get("train_seconds")),
         "config": config,
