@@ -166,13 +166,7 @@ def verify_files(directory: VersionDirectory, manifest: Manifest) -> None:
             raise ModelLoadError(f"{filename} is missing")
         if path.stat().st_size != entry.bytes:
             raise ModelLoadError(f"{filename} has {path.stat().st_size} bytes, the manifest says {entry.bytes}")
-        if _sha256(path) != entry.sha256:
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != entry.sha256:
             raise ModelLoadError(f"{filename} does not match its sha256 in the manifest")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

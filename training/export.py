@@ -92,11 +92,8 @@ def _quantized(proto: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def next_version(store: Path, name: str) -> int:
