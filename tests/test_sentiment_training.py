@@ -1,5 +1,7 @@
 """The classifier: SST tree phrases, padding invariance, a tiny end-to-end training run."""
 
+import sys
+
 import pytest
 import torch
 
@@ -86,3 +88,11 @@ def test_malformed_labelled_file_names_the_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         read_labelled(path, 2)
+
+
+def test_pretrained_vectors_without_the_encoder_package_is_a_clear_error(monkeypatch):
+    from training.embeddings import minilm_word_vectors
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
+    with pytest.raises(DataError, match=r"pip install -e '\.\[pretrained\]'"):
+        minilm_word_vectors(["good", "bad"])
