@@ -3,10 +3,6 @@ dozen words), an app serving it through an in-process ASGI client, and a live uv
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,6 +17,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from app.config import Settings  # noqa: E402
 from app.main import create_app  # noqa: E402
+from bench.servers import running  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LM_WORDS = (
@@ -85,45 +82,8 @@ def client(tiny_store: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def live_server(tiny_store: Path) -> Iterator[str]:
     """``python -m app`` on a free loopback port over the tiny store; yields its base URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "LSTM_SERVE_MODEL_STORE": str(tiny_store),
-        "LSTM_SERVE_HOST": "127.0.0.1",
-        "LSTM_SERVE_PORT": str(port),
-        "LSTM_SERVE_INTRA_OP_THREADS": "1",
-        "LSTM_SERVE_LOG_LEVEL": "warning",
-    }
-    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited early:\n{process.stdout.read() if process.stdout else ''}")
-            try:
-                if httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not become ready within 60 s")
-            time.sleep(0.1)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running("app", tiny_store, {"LSTM_SERVE_INTRA_OP_THREADS": "1"}, timeout=60) as server:
+        yield server.base_url
