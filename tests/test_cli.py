@@ -121,3 +121,21 @@ def test_resume_may_change_the_schedule_but_not_the_model(corpus, capsys):
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["history"][1]["lr"] == 0.5
     assert metrics["command"].count("train-lm") == 2
+
+
+def test_sentiment_run_exports_with_metrics_measured_on_the_graph(tmp_path, capsys):
+    lines = ["1 a gorgeous film", "1 witty and gorgeous", "0 a dull film", "0 dull and tedious"] * 4
+    (tmp_path / "train").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev").write_text("1 gorgeous and witty\n0 tedious and dull\n")
+    train = ["train-sentiment", "--train", str(tmp_path / "train"), "--dev", str(tmp_path / "dev"),
+             "--run-dir", str(tmp_path / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "2"]
+    assert _run(train, capsys)[0] == 0
+    export = ["export", "--run-dir", str(tmp_path / "run"), "--store", str(tmp_path / "store"),
+              "--name", "tiny-sentiment", "--valid", str(tmp_path / "dev"), "--note", "tiny"]
+    assert _run(export, capsys)[0] == 0
+    manifest = json.loads((tmp_path / "store" / "tiny-sentiment" / "1" / "manifest.json").read_text())
+    assert manifest["task"] == "sentiment" and manifest["labels"] == ["negative", "positive"]
+    assert manifest["metrics"]["valid"]["examples"] == 2
+    assert 0.0 <= manifest["metrics"]["valid"]["accuracy"] <= 1.0
+    assert manifest["metrics"]["valid_int8"]["graph"] == "full-int8"
+    assert manifest["training"]["note"] == "tiny" and manifest["training"]["epochs"] == 2

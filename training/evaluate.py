@@ -11,9 +11,16 @@ import numpy as np
 import onnxruntime as ort
 
 from app.text import Vocabulary
-from training.data import DataError, read_labelled, read_lm_corpus
+from training.data import DataError, pad_batch, read_labelled, read_lm_corpus
 
 LM_EVAL_WINDOW = 35
+
+
+def onnx_session(path: Path) -> ort.InferenceSession:
+    """A CPU onnxruntime session over ``path`` (its external weights load from beside it)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _load(version_dir: Path, graph: str = "full") -> tuple[dict, Vocabulary, ort.InferenceSession]:
@@ -22,12 +29,9 @@ def _load(version_dir: Path, graph: str = "full") -> tuple[dict, Vocabulary, ort
         raise DataError(f"not a model-store version (no manifest.json): {version_dir}")
     manifest = json.loads(manifest_path.read_text())
     vocab = Vocabulary.load(version_dir / manifest["tokenizer"]["vocab_file"])
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     if graph not in manifest["graphs"]:
         raise DataError(f"{version_dir} has no {graph!r} graph; it has {', '.join(manifest['graphs'])}")
-    session = ort.InferenceSession(str(version_dir / manifest["graphs"][graph]["file"]), options,
-                                   providers=["CPUExecutionProvider"])
+    session = onnx_session(version_dir / manifest["graphs"][graph]["file"])
     return manifest, vocab, session
 
 
@@ -62,11 +66,8 @@ def sentiment_accuracy(version_dir: Path, path: Path, graph: str = "full") -> di
     correct = 0
     for start in range(0, len(examples), 128):
         chunk = examples[start : start + 128]
-        lengths = np.array([max(1, len(e.tokens)) for e in chunk], dtype=np.int64)
-        tokens = np.full((len(chunk), lengths.max()), vocab.pad_id, dtype=np.int64)
-        for row, example in enumerate(chunk):
-            tokens[row, : len(example.tokens)] = vocab.encode(example.tokens)
-        (probs,) = session.run(None, {"tokens": tokens, "lengths": lengths})
+        tokens, lengths = pad_batch([vocab.encode(e.tokens) for e in chunk], vocab.pad_id)
+        (probs,) = session.run(None, {"tokens": tokens.numpy(), "lengths": lengths.numpy()})
         correct += int((probs.argmax(-1) == np.array([e.label for e in chunk])).sum())
     return {"accuracy": round(correct / len(examples), 4), "examples": len(examples), "file": path.name,
             "graph": graph}

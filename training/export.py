@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from app.text import EOS, PAD, UNK, Vocabulary
+from training.config import LMConfig
+from training.data import DataError, pad_batch
+from training.evaluate import lm_perplexity, onnx_session, sentiment_accuracy
+from training.lm import build_model
 from training.model import LanguageModel, SentimentClassifier
+from training.sentiment import model_from_checkpoint
 
 OPSET = 17
 MODEL_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
@@ -47,7 +52,7 @@ class LastPositionLM(nn.Module):
         self.model = model
 
     def forward(self, tokens, h0, c0):
-        out, (hn, cn) = self.model.lstm(self.model.embedding(tokens), (h0, c0))
+        out, hn, cn = self.model.encode(tokens, h0, c0)
         logits = self.model.decoder(out[:, -1])
         return torch.log_softmax(logits, dim=-1), hn, cn
 
@@ -167,12 +172,6 @@ def _write_graphs(graphs: dict[str, onnx.ModelProto], out_dir: Path) -> None:
                     entry = tensor.external_data.add()
                     entry.key, entry.value = k, v
             onnx.save_model(proto, str(out_dir / GRAPH_FILES[graph_name]))
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _check_parity(
@@ -327,15 +326,15 @@ def export_language_model(
             _untie_transposed_copies(graphs[graph].graph)
         _write_graphs(graphs, staging)
         parity = {
-            "full": _check_parity(model, _session(staging / "model.onnx"), cases),
-            "last": _check_parity(LastPositionLM(model), _session(staging / "last.onnx"), cases),
+            "full": _check_parity(model, onnx_session(staging / "model.onnx"), cases),
+            "last": _check_parity(LastPositionLM(model), onnx_session(staging / "last.onnx"), cases),
         }
         _require_parity(parity)
         vocab.save(staging / "vocab.txt")
 
         sentences = [["the", "company", "said", "it", "expects"], ["mr.", "<unk>", "is", "chairman"]]
         selftest_cases = []
-        session = _session(staging / "model.onnx")
+        session = onnx_session(staging / "model.onnx")
         for sentence in sentences:
             tokens = np.array([[vocab.eos_id, *vocab.encode(sentence)]], dtype=np.int64)
             zeros = np.zeros((model.layers, 1, model.hidden_size), dtype=np.float32)
@@ -390,13 +389,13 @@ def export_sentiment_model(
         graphs = {"full": _to_onnx(model, example, SENTIMENT_GRAPHS["full"])}
         graphs["full-int8"] = _quantized(graphs["full"], staging)
         _write_graphs(graphs, staging)
-        session = _session(staging / "model.onnx")
+        session = onnx_session(staging / "model.onnx")
         parity = {"full": _check_parity(model, session, cases)}
         _require_parity(parity)
         vocab.save(staging / "vocab.txt")
 
         sentences = [["a", "gorgeous", ",", "witty", "film"], ["dull", "and", "tedious"], ["it", "'s", "a", "movie"]]
-        tokens, lengths = _pad([vocab.encode(s) for s in sentences], vocab.pad_id)
+        tokens, lengths = (t.numpy() for t in pad_batch([vocab.encode(s) for s in sentences], vocab.pad_id))
         (probs,) = session.run(None, {"tokens": tokens, "lengths": lengths})
         selftest = [{
             "graph": "full",
@@ -418,14 +417,6 @@ def export_sentiment_model(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-    tokens = np.full((len(sequences), lengths.max()), pad_id, dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        tokens[row, : len(seq)] = seq
-    return tokens, lengths
-
-
 def _require_parity(parity: dict[str, float]) -> None:
     for graph, diff in parity.items():
         if not diff <= PARITY_TOLERANCE:
@@ -444,9 +435,6 @@ def _tokenizer(normaliser: str, vocab: Vocabulary) -> dict:
 def export_run(args, export_command: str) -> Path:
     """The ``export`` command: a run directory's best checkpoint into the model store, with
     the figures measured on the exported graph. ``args`` carries the CLI options."""
-    from training.data import DataError
-    from training.evaluate import lm_perplexity, sentiment_accuracy
-
     checkpoint_path = args.run_dir / "best.pt"
     if not checkpoint_path.exists():
         raise DataError(f"no best.pt in {args.run_dir}: train a model there first")
@@ -482,17 +470,12 @@ def export_run(args, export_command: str) -> Path:
     common = dict(version=args.version, description=args.description, training=training, evaluate=evaluate,
                   force=args.force)
     if sentiment:
-        from training.sentiment import load_checkpoint
-
-        model, vocab, checkpoint = load_checkpoint(checkpoint_path)
+        model, vocab = model_from_checkpoint(checkpoint)
         architecture = {key: config[key] for key in ("layers", "hidden_size", "embedding_size", "dropout",
                                                     "bidirectional")}
         architecture.update(tied=False, pooling="max+mean over valid positions", classes=checkpoint["num_classes"])
         return export_sentiment_model(model, vocab, checkpoint["labels"], args.store, args.name,
                                       architecture=architecture, **common)
-
-    from training.config import LMConfig
-    from training.lm import build_model
 
     lm_config = LMConfig(**config)
     model = build_model(lm_config, len(vocab))

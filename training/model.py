@@ -39,11 +39,18 @@ class LanguageModel(nn.Module):
         zeros = torch.zeros(self.layers, batch_size, self.hidden_size, device=self.embedding.weight.device)
         return zeros, zeros.clone()
 
+    def encode(
+        self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top LSTM layer's output [batch, seq, hidden] and the final state [layers, batch, hidden]."""
+        out, (hn, cn) = self.lstm(self.drop(self.embedding(tokens)), (h0, c0))
+        return out, hn, cn
+
     def logits(
         self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unnormalised scores [batch, seq, vocab] and the final state [layers, batch, hidden]."""
-        out, (hn, cn) = self.lstm(self.drop(self.embedding(tokens)), (h0, c0))
+        out, hn, cn = self.encode(tokens, h0, c0)
         return self.decoder(self.drop(out)), hn, cn
 
     def forward(

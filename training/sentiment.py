@@ -147,14 +147,18 @@ def _load_pretrained(model: SentimentClassifier, vocab: Vocabulary, config: Sent
         model.embedding.weight[vocab.pad_id].zero_()
 
 
+def model_from_checkpoint(checkpoint: dict) -> tuple[SentimentClassifier, Vocabulary]:
+    """The classifier (in eval mode) and vocabulary saved in a ``best.pt`` checkpoint."""
+    vocab = Vocabulary(checkpoint["vocab"])
+    model = build_model(SentimentConfig(**checkpoint["config"]), vocab, checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), vocab
+
+
 def load_checkpoint(path: Path) -> tuple[SentimentClassifier, Vocabulary, dict]:
     if not path.exists():
         raise DataError(f"checkpoint not found: {path}")
     checkpoint = torch.load(path, weights_only=False)
-    config = SentimentConfig(**checkpoint["config"])
-    vocab = Vocabulary(checkpoint["vocab"])
-    model = build_model(config, vocab, checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), vocab, checkpoint
+    return *model_from_checkpoint(checkpoint), checkpoint
 
 
