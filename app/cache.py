@@ -54,6 +54,18 @@ def prefix_digests(ids: Sequence[int]) -> list[int]:
     return digests
 
 
+@dataclass(frozen=True)
+class Resumption:
+    """Where a prefix's computation starts: ``cached`` tokens of ``ids`` are already read into
+    ``state`` (0 and None: nothing cached), and ``ends`` are the prefix lengths to run to, in order.
+    An empty ``ends`` means ``state`` answers the whole prefix."""
+
+    ids: list[int]
+    cached: int
+    state: PrefixState | None
+    ends: list[int]
+
+
 class PrefixStateCache:
     """A least-recently-used map from (model, version, precision, token-id prefix) to its
     ``PrefixState``, bounded by ``max_bytes`` (0 disables it). Thread-safe."""
@@ -89,6 +101,15 @@ class PrefixStateCache:
                     return length, entry[1]
             self._misses += 1
             return 0, None
+
+    def plan(self, model: ModelKey, ids: list[int]) -> Resumption:
+        """The steps that answer the prefix ``ids`` from its longest cached prefix. When two or more
+        tokens are new, the last one runs as a step of its own, so that the state before it is
+        cached too: the next keystroke of an autocomplete client changes only the last word."""
+        cached, state = self.longest_prefix(model, ids)
+        n = len(ids)
+        ends = [] if cached == n else [n] if n - cached == 1 else [n - 1, n]
+        return Resumption(ids, cached, state, ends)
 
     def put(self, model: ModelKey, ids: Sequence[int], state: PrefixState) -> None:
         """Remember ``state`` as the model after reading ``ids``, evicting the least recently

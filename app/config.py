@@ -10,6 +10,8 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.manifest import Precision
+
 ENV_PREFIX = "LSTM_SERVE_"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -74,7 +76,7 @@ class Settings(BaseSettings):
         description="How long work waits for companions while other requests are in flight, in milliseconds; "
         "a request alone in the service never waits.",
     )
-    default_precision: Literal["float32", "int8"] = Field(
+    default_precision: Precision = Field(
         "float32", description="Graphs a request runs on when it names no precision (int8 where the model has "
         "int8 graphs, else float32).",
     )

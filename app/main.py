@@ -1,5 +1,5 @@
-"""The FastAPI application: ``create_app(settings)`` wires settings, model registry, inference
-pool, metrics, routes, error handlers and middleware together."""
+"""The FastAPI application: ``create_app(settings)`` wires settings, model registry, scheduler,
+metrics, routes, error handlers and middleware together."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.batching import InferenceScheduler, MicroBatcher
 from app.cache import PrefixStateCache
 from app.config import Settings
 from app.errors import install_error_handlers
@@ -20,7 +19,7 @@ from app.registry import ModelRegistry
 from app.routes import health, models
 from app.routes.docs import install_docs
 from app.routes.inference import inference_router
-from app.runtime import InferencePool
+from app.scheduler import Admission, Scheduler
 from app.schemas import Limits, request_schemas
 
 log = logging.getLogger(__name__)
@@ -42,14 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     cache = PrefixStateCache(settings.cache_bytes)
     metrics.watch_cache(cache)
     registry = ModelRegistry(
-        settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer, cache
+        settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer
     )
-    pool = InferencePool(settings.max_waiting_requests)
-    batcher = (
-        MicroBatcher(pool, settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.max_waiting_requests)
-        if settings.batching else None
+    scheduler = Scheduler(
+        Admission(settings.max_waiting_requests), cache, batching=settings.batching,
+        max_size=settings.batch_max_size, max_wait=settings.batch_max_wait_ms / 1000,
+        default_precision=settings.default_precision,
     )
-    scheduler = InferenceScheduler(pool, batcher, settings.default_precision)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             registry.stop_loading()
             loading.cancel()
-            pool.close()
+            scheduler.close()
 
     app = FastAPI(
         title="lstm-serve",
@@ -71,9 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings
     app.state.registry = registry
-    app.state.pool = pool
     app.state.scheduler = scheduler
     app.state.metrics = metrics
 

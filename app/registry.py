@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from app.cache import PrefixStateCache
 from app.errors import ModelNotFound, ModelUnavailable, NotReady, WrongTask
 from app.runtime import RUNTIMES, InferenceObserver, LanguageModelRuntime, ModelRuntime, SentimentRuntime
 from app.store import Manifest, ModelLoadError, VersionDirectory, discover, read_manifest, verify_files
@@ -55,14 +54,11 @@ class ModelRegistry:
         threads: int,
         max_tokens: int,
         observer: ObserverFactory | None = None,
-        cache: PrefixStateCache | None = None,
     ):
         self.store = store
         self.threads = threads
         self.max_tokens = max_tokens
         self._observer = observer
-        # One cache for every language model; its keys carry model, version and precision.
-        self.cache = cache or PrefixStateCache(0)
         self._versions: list[ModelVersion] = []
         self._loaded = threading.Event()
         self._stopping = threading.Event()
@@ -106,14 +102,9 @@ class ModelRegistry:
         try:
             entry.manifest = read_manifest(directory)
             verify_files(directory, entry.manifest)
-            runtime_class = RUNTIMES[entry.manifest.task]
             observe = self._observer(entry.name, entry.version) if self._observer else None
-            runtime: ModelRuntime
-            if runtime_class is LanguageModelRuntime:
-                runtime = LanguageModelRuntime(entry.manifest, directory.path, self.threads, self.max_tokens,
-                                               observe, self.cache)
-            else:
-                runtime = runtime_class(entry.manifest, directory.path, self.threads, self.max_tokens, observe)
+            runtime = RUNTIMES[entry.manifest.task](entry.manifest, directory.path, self.threads, self.max_tokens,
+                                                    observe)
             runtime.self_test()
             runtime.warm_up()
         except ModelLoadError as e:

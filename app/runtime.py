@@ -1,45 +1,26 @@
-"""Models at run time: onnxruntime sessions (created here and nowhere else), the language model's
-and the classifier's inference, the manifest's self-test, warm-up, and the thread they run on.
-
-Each task's work comes in two layers: row-level primitives that make one onnxruntime call per
-group of rows (``LanguageModelRuntime.run_steps`` / ``score_rows``, ``SentimentRuntime.classify_rows``),
-which ``app.batching`` feeds with rows from many requests, and per-request methods built on them
-(``next_word_distribution``, ``score_sentences``, ``classify``)."""
+"""Model versions at run time: a version's onnxruntime sessions, tokenizer and self-test, and the
+row-level primitives that make one onnxruntime call per group of rows
+(``LanguageModelRuntime.run_steps`` / ``score_rows``, ``SentimentRuntime.classify_rows``) with what
+turns their results into answers. ``app.scheduler`` decides which rows share a call and where it runs."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 import onnxruntime as ort
 
-from app.cache import PrefixState, PrefixStateCache
-from app.errors import NoTokens, Overloaded, ServiceError, TooManyTokens
-from app.store import Manifest, ModelLoadError, SelfTest
+from app.cache import ModelKey, PrefixState
+from app.errors import NoTokens, ServiceError, TooManyTokens
+from app.manifest import FULL, LAST, PRECISIONS, Manifest, Precision, Task, graph_name
+from app.sessions import create_session
+from app.store import ModelLoadError
 from app.text import EOS, PAD, UNK, Vocabulary, get_normaliser
-
-# Token positions per onnxruntime call when texts are batched: the language model's output is
-# [batch, seq, vocab] floats, so this bounds one call's memory (512 x 10k words = 20 MB, about
-# twice that at the peak); larger calls gain little speed and would break the service's RSS budget.
-BATCH_TOKEN_BUDGET = 512
-# Rows shorter than this fraction of their group's longest row start a new group, so that one
-# long text does not make many short ones pay for its padding.
-MIN_ROW_FILL = 0.5
-
-LM_SIGNATURE = ({"tokens", "h0", "c0"}, {"log_probs", "hn", "cn"})
-SENTIMENT_SIGNATURE = ({"tokens", "lengths"}, {"probs"})
-
-Precision = Literal["float32", "int8"]
-PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 InferenceObserver = Callable[[str, float, int], None]
 """Called after each onnxruntime call with the graph's name, the call's wall time in seconds and
@@ -50,29 +31,6 @@ class PrecisionUnavailable(ServiceError):
     """A request asked for a precision the model has no graphs for."""
 
     status, code = 422, "precision_unavailable"
-
-
-def graph_name(base: str, precision: Precision) -> str:
-    """The manifest's name for ``base`` ("full", "last") at ``precision``: "full" or "full-int8"."""
-    return base if precision == "float32" else f"{base}-{precision}"
-
-
-def create_session(path: Path, threads: int) -> ort.InferenceSession:
-    """An onnxruntime CPU session over ``path`` (external weights load from beside it) using at most
-    ``threads`` intra-op threads."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle threads sleep instead of spinning: the CPUs are shared with uvicorn's own work.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # Without the arena, memory for a large batch goes back once the call returns; with it, each
-    # session keeps its peak (measured: 130 MB -> 500 MB RSS after a few big /score batches) for
-    # no measurable speed-up on these graphs.
-    options.enable_cpu_mem_arena = False
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)
@@ -129,23 +87,10 @@ class Step:
     state: PrefixState | None
 
 
-@dataclass(frozen=True)
-class Resumption:
-    """Where a prefix's computation starts: ``cached`` tokens of ``ids`` are already read into
-    ``state`` (0 and None: nothing cached), and ``ends`` are the prefix lengths to run to, in order.
-    An empty ``ends`` means ``state`` answers the whole prefix."""
-
-    ids: list[int]
-    cached: int
-    state: PrefixState | None
-    ends: list[int]
-
-
 class ModelRuntime(ABC):
     """What both tasks share: identity, vocabulary, normaliser, sessions and the self-test."""
 
-    task: str
-    signature: tuple[set[str], set[str]]
+    task: Task
     # Float graphs the service runs, by manifest name; each one's int8 twin is loaded beside it
     # when the manifest lists one.
     graphs: tuple[str, ...]
@@ -182,7 +127,7 @@ class ModelRuntime(ABC):
                 raise ModelLoadError(f"onnxruntime cannot load {graph.file}: {type(e).__name__}") from e
             self._check_signature(name)
         self.special_ids = [self.vocab.id(token) for token in (EOS, UNK, PAD) if token in self.vocab]
-        self.precisions: tuple[Precision, ...] = tuple(p for p in PRECISIONS if graph_name("full", p) in self.sessions)
+        self.precisions: tuple[Precision, ...] = tuple(p for p in PRECISIONS if graph_name(FULL, p) in self.sessions)
 
     @property
     def ref(self) -> str:
@@ -208,14 +153,16 @@ class ModelRuntime(ABC):
             if special is not None and (special.token not in self.vocab or self.vocab.id(special.token) != special.id):
                 raise ModelLoadError(f"special token {key} is not {special.token!r} at id {special.id}")
 
-    def _check_signature(self, graph_name: str) -> None:
-        session = self.sessions[graph_name]
+    def _check_signature(self, name: str) -> None:
+        """The graph file must have the names its manifest entry (checked against the task's
+        signature when the manifest was read) promises."""
+        session, spec = self.sessions[name], self.manifest.graphs[name]
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
-        if (inputs, outputs) != self.signature:
+        if (inputs, outputs) != (set(spec.inputs), set(spec.outputs)):
             raise ModelLoadError(
-                f"graph {graph_name} has inputs {sorted(inputs)} and outputs {sorted(outputs)}; a {self.task} "
-                f"needs {sorted(self.signature[0])} and {sorted(self.signature[1])}"
+                f"graph {name} has inputs {sorted(inputs)} and outputs {sorted(outputs)}; a {self.task} "
+                f"needs {sorted(spec.inputs)} and {sorted(spec.outputs)}"
             )
 
     def tokenise(self, text: str, index: int = 0) -> Tokenised:
@@ -241,10 +188,8 @@ class ModelRuntime(ABC):
 
     def self_test(self) -> None:
         """Run the manifest's self-test cases; raise ``ModelLoadError`` on the first mismatch."""
-        selftest: SelfTest = self.manifest.selftest
+        selftest = self.manifest.selftest
         for number, case in enumerate(selftest.cases):
-            if case.graph not in self.manifest.graphs:
-                raise ModelLoadError(f"self-test case {number} names graph {case.graph!r}, which is not listed")
             if case.graph not in self.sessions:
                 continue  # a graph the service does not run
             session = self.sessions[case.graph]
@@ -284,20 +229,18 @@ class LanguageModelRuntime(ModelRuntime):
     away) from the longest prefix found in the prefix-state cache; scoring runs the full graph."""
 
     task = "language-model"
-    signature = LM_SIGNATURE
-    graphs = ("full", "last")
+    graphs = (FULL, LAST)
 
     def __init__(self, manifest: Manifest, directory: Path, threads: int, max_tokens: int,
-                 observe: InferenceObserver | None = None, cache: PrefixStateCache | None = None):
+                 observe: InferenceObserver | None = None):
         super().__init__(manifest, directory, threads, max_tokens, observe)
         if self.vocab.eos_id is None:
             raise ModelLoadError(f"a language model's vocabulary needs {EOS}")
         self.eos_id: int = self.vocab.eos_id
-        state = manifest.graphs["full"].inputs["h0"].shape
+        state = manifest.graphs[FULL].inputs["h0"].shape
         if not (len(state) == 3 and isinstance(state[0], int) and isinstance(state[2], int)):
             raise ModelLoadError("the manifest does not give h0's [layers, batch, hidden] sizes")
         self.layers, self.hidden_size = state[0], state[2]
-        self.cache = cache or PrefixStateCache(0)
         self._zero_state = np.zeros((self.layers, self.hidden_size), dtype=np.float32)
 
     def _state(self, batch: int) -> dict[str, np.ndarray]:
@@ -311,8 +254,8 @@ class LanguageModelRuntime(ModelRuntime):
     def step_graph(self, precision: Precision) -> str:
         """The graph next-word steps run on: the last-position graph, or the full graph for a
         model exported without one."""
-        last = graph_name("last", precision)
-        return last if last in self.sessions else graph_name("full", precision)
+        last = graph_name(LAST, precision)
+        return last if last in self.sessions else graph_name(FULL, precision)
 
     def run_steps(self, precision: Precision, steps: Sequence[Step]) -> list[PrefixState]:
         """One onnxruntime call for ``steps``, which must all have the same number of tokens (an
@@ -327,21 +270,13 @@ class LanguageModelRuntime(ModelRuntime):
             log_probs = log_probs[:, -1]
         return [PrefixState(hn[:, row].copy(), cn[:, row].copy(), log_probs[row].copy()) for row in range(len(steps))]
 
+    def cache_key(self, precision: Precision) -> ModelKey:
+        """This version's key in the prefix-state cache: a state is only valid for the graph that made it."""
+        return (self.name, self.version, precision)
+
     def context_ids(self, context: Tokenised) -> list[int]:
         """The token ids the model reads for a prefix: ``<eos>`` then the prefix."""
         return [self.eos_id, *context.ids]
-
-    def resume(self, ids: list[int], precision: Precision) -> Resumption:
-        """Plan the steps for the prefix ``ids`` from its longest cached prefix. When two or more
-        tokens are new, the last one runs as a step of its own, so that the state before it is
-        cached too: the next keystroke of an autocomplete client changes only the last word."""
-        cached, state = self.cache.longest_prefix((self.name, self.version, precision), ids)
-        n = len(ids)
-        ends = [] if cached == n else [n] if n - cached == 1 else [n - 1, n]
-        return Resumption(ids, cached, state, ends)
-
-    def remember(self, ids: Sequence[int], precision: Precision, state: PrefixState) -> None:
-        self.cache.put((self.name, self.version, precision), ids, state)
 
     def top_words(self, context: Tokenised, log_probs: np.ndarray, top_k: int,
                   include_special: bool) -> NextWordDistribution:
@@ -357,20 +292,6 @@ class LanguageModelRuntime(ModelRuntime):
         words = [NextWord(self.vocab.tokens[i], math.exp(scores[i]), float(scores[i])) for i in top]
         return NextWordDistribution(context=context, words=words)
 
-    def next_word_distribution(self, text: str, top_k: int, include_special: bool = False,
-                               precision: Precision = "float32") -> NextWordDistribution:
-        """The ``top_k`` most probable next words after ``<eos>`` + ``text``, most probable first
-        (ties by vocabulary id). ``<eos>``, ``<unk>`` and ``<pad>`` only when ``include_special``."""
-        context = self.tokenise(text)
-        plan = self.resume(self.context_ids(context), precision)
-        start, state = plan.cached, plan.state
-        for end in plan.ends:
-            (state,) = self.run_steps(precision, [Step(plan.ids[start:end], state)])
-            self.remember(plan.ids[:end], precision, state)
-            start = end
-        assert state is not None
-        return self.top_words(context, state.log_probs, top_k, include_special)
-
     def score_targets(self, texts: Sequence[str], count_eos: bool) -> tuple[list[Tokenised], list[list[int]]]:
         """Each text tokenised, and the ids scored for it: its tokens, then ``<eos>`` with ``count_eos``."""
         encoded = [self.tokenise(text, index) for index, text in enumerate(texts)]
@@ -378,34 +299,21 @@ class LanguageModelRuntime(ModelRuntime):
 
     def score_rows(self, precision: Precision, targets: Sequence[list[int]]) -> list[list[float]]:
         """Natural-log probability of each target id given ``<eos>`` and the targets before it, per
-        row. Rows of similar length share one full-graph call, right-padded: the LSTM is causal,
+        row (every row non-empty), in one full-graph call. Rows are right-padded: the LSTM is causal,
         so padding never changes a valid position, and only those are read."""
-        scored: list[list[float]] = [[] for _ in targets]
-        pending = [i for i, target in enumerate(targets) if target]
-        for rows in _batches(pending, [len(targets[i]) for i in pending], BATCH_TOKEN_BUDGET):
-            width = max(len(targets[i]) for i in rows)
-            tokens = np.full((len(rows), width), self.eos_id, dtype=np.int64)
-            for row, i in enumerate(rows):
-                tokens[row, 1 : len(targets[i])] = targets[i][:-1]
-            log_probs = self.run(graph_name("full", precision), {"tokens": tokens, **self._state(len(rows))})[0]
-            for row, i in enumerate(rows):
-                n = len(targets[i])
-                scored[i] = log_probs[row, np.arange(n), targets[i]].astype(np.float64).tolist()
-        return scored
+        width = max(len(target) for target in targets)
+        tokens = np.full((len(targets), width), self.eos_id, dtype=np.int64)
+        for row, target in enumerate(targets):
+            tokens[row, 1 : len(target)] = target[:-1]
+        log_probs = self.run(graph_name(FULL, precision), {"tokens": tokens, **self._state(len(targets))})[0]
+        return [log_probs[row, np.arange(len(target)), target].astype(np.float64).tolist()
+                for row, target in enumerate(targets)]
 
     def sentence_score(self, text: Tokenised, target: list[int], values: list[float]) -> SentenceScore:
         total = float(sum(values))
         perplexity = math.exp(-total / len(values)) if values and -total / len(values) < 700 else None
         names = [self.vocab.tokens[i] for i in target]
         return SentenceScore(text, list(zip(names, values, strict=True)), total, perplexity)
-
-    def score_sentences(self, texts: Sequence[str], count_eos: bool = True,
-                        precision: Precision = "float32") -> list[SentenceScore]:
-        """Each text's tokens scored left to right from ``<eos>``; with ``count_eos`` the closing
-        ``<eos>`` is scored too (the PTB convention for perplexity)."""
-        encoded, targets = self.score_targets(texts, count_eos)
-        scored = self.score_rows(precision, targets)
-        return [self.sentence_score(*row) for row in zip(encoded, targets, scored, strict=True)]
 
     def warm_up(self) -> None:
         for precision in self.precisions:
@@ -417,8 +325,7 @@ class SentimentRuntime(ModelRuntime):
     """A sentence classifier over right-padded token ids; probabilities come from the graph's softmax."""
 
     task = "sentiment"
-    signature = SENTIMENT_SIGNATURE
-    graphs = ("full",)
+    graphs = (FULL,)
 
     def __init__(self, manifest: Manifest, directory: Path, threads: int, max_tokens: int,
                  observe: InferenceObserver | None = None):
@@ -426,7 +333,7 @@ class SentimentRuntime(ModelRuntime):
         if self.vocab.pad_id is None:
             raise ModelLoadError(f"a sentiment vocabulary needs {PAD}")
         self.pad_id: int = self.vocab.pad_id
-        classes = manifest.graphs["full"].outputs["probs"].shape[-1]
+        classes = manifest.graphs[FULL].outputs["probs"].shape[-1]
         if not manifest.labels or (isinstance(classes, int) and classes != len(manifest.labels)):
             raise ModelLoadError(f"the manifest's labels do not match the graph's {classes} classes")
         self.labels: list[str] = manifest.labels
@@ -440,19 +347,15 @@ class SentimentRuntime(ModelRuntime):
         return encoded
 
     def classify_rows(self, precision: Precision, rows: Sequence[list[int]]) -> list[np.ndarray]:
-        """Per-label probabilities (float64 [classes]) of each non-empty row of token ids. Rows of
-        similar length share one call, right-padded with their lengths given, which the graph
-        guarantees leaves every result unchanged."""
-        probabilities: list[np.ndarray] = [np.empty(0)] * len(rows)
-        for group in _batches(list(range(len(rows))), [len(r) for r in rows], BATCH_TOKEN_BUDGET):
-            lengths = np.array([len(rows[i]) for i in group], dtype=np.int64)
-            tokens = np.full((len(group), int(lengths.max())), self.pad_id, dtype=np.int64)
-            for row, i in enumerate(group):
-                tokens[row, : lengths[row]] = rows[i]
-            (probs,) = self.run(graph_name("full", precision), {"tokens": tokens, "lengths": lengths})
-            for row, i in enumerate(group):
-                probabilities[i] = probs[row].astype(np.float64)
-        return probabilities
+        """Per-label probabilities (float64 [classes]) of each row of token ids (every row non-empty),
+        in one call. Rows are right-padded with their lengths given, which the graph guarantees
+        leaves every result unchanged."""
+        lengths = np.array([len(row) for row in rows], dtype=np.int64)
+        tokens = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            tokens[i, : lengths[i]] = row
+        (probs,) = self.run(graph_name(FULL, precision), {"tokens": tokens, "lengths": lengths})
+        return [p.astype(np.float64) for p in probs]
 
     def classification(self, text: Tokenised, probabilities: np.ndarray) -> Classification:
         return Classification(
@@ -461,61 +364,9 @@ class SentimentRuntime(ModelRuntime):
             probabilities={label: float(v) for label, v in zip(self.labels, probabilities, strict=True)},
         )
 
-    def classify(self, texts: Sequence[str], precision: Precision = "float32") -> list[Classification]:
-        """The label and per-label probabilities of each text; a text with no tokens is refused."""
-        encoded = self.encode(texts)
-        probabilities = self.classify_rows(precision, [t.ids for t in encoded])
-        return [self.classification(t, p) for t, p in zip(encoded, probabilities, strict=True)]
-
     def warm_up(self) -> None:
         for precision in self.precisions:
             self.classify_rows(precision, [[self.pad_id]])
 
 
-RUNTIMES: dict[str, type[ModelRuntime]] = {r.task: r for r in (LanguageModelRuntime, SentimentRuntime)}
-
-
-def _batches(items: list[int], sizes: list[int], budget: int) -> Iterator[list[int]]:
-    """Group ``items`` longest first so that rows x longest row stays within ``budget`` token
-    positions and no row is shorter than ``MIN_ROW_FILL`` of its group's longest (length
-    bucketing); an item longer than the budget gets a group of its own."""
-    batch: list[int] = []
-    width = 0
-    for size, item in sorted(zip(sizes, items, strict=True), key=lambda pair: -pair[0]):
-        if batch and ((len(batch) + 1) * width > budget or size < MIN_ROW_FILL * width):
-            yield batch
-            batch = []
-        if not batch:
-            width = size
-        batch.append(item)
-    if batch:
-        yield batch
-
-
-T = TypeVar("T")
-
-
-class InferencePool:
-    """Runs model calls on one dedicated thread, so onnxruntime never blocks the event loop and
-    calls do not compete for the CPUs each session's intra-op threads already use. At most
-    ``max_waiting`` calls may wait; beyond that callers get ``Overloaded`` (429) at once."""
-
-    def __init__(self, max_waiting: int):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._max_waiting = max_waiting
-        self._waiting = 0
-
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._waiting >= self._max_waiting:
-            raise Overloaded(
-                "too many requests are waiting for a model; retry shortly",
-                {"waiting": self._waiting}, headers={"Retry-After": "1"},
-            )
-        self._waiting += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args, **kwargs))
-        finally:
-            self._waiting -= 1
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+RUNTIMES: dict[Task, type[ModelRuntime]] = {r.task: r for r in (LanguageModelRuntime, SentimentRuntime)}

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MODEL_SPEC_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?$"
+from app.manifest import MODEL_NAME_MAX_CHARS, MODEL_SPEC_PATTERN, Precision
+
 MAX_TOP_K = 100
 
 
@@ -39,6 +40,7 @@ ModelSpec = Annotated[
     str,
     Field(
         pattern=MODEL_SPEC_PATTERN,
+        max_length=MODEL_NAME_MAX_CHARS + 10,  # "@" and a version of at most 9 digits
         description="Model to use: `name` (its highest version in service) or `name@version`. "
         "Default: the task's default model (`ptb-lm` / `sst2-sentiment` when present).",
         examples=["ptb-lm", "ptb-lm@1"],
@@ -46,14 +48,14 @@ ModelSpec = Annotated[
 ]
 
 PrecisionField = Annotated[
-    Literal["float32", "int8"],
+    Precision,
     Field(
         description="Graphs to run: `float32`, or `int8` (dynamically quantized; faster, slightly different "
         "numbers; 422 `precision_unavailable` for a model without int8 graphs). Default: the service's "
         "configured default precision where the model has it, else float32.",
     ),
 ]
-PrecisionUsed = Annotated[Literal["float32", "int8"], Field(description="Precision of the graphs that answered.")]
+PrecisionUsed = Annotated[Precision, Field(description="Precision of the graphs that answered.")]
 
 ONE_OF_TEXT_OR_TEXTS: dict[str, Any] = {"oneOf": [{"required": ["text"]}, {"required": ["texts"]}]}
 

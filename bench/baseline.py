@@ -11,17 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from fastapi import FastAPI
 from onnx import numpy_helper
 from pydantic import BaseModel
 
-from app.store import Manifest, discover, read_manifest
+from app.manifest import FULL, PARITY_TOLERANCE, Manifest
+from app.sessions import create_session
+from app.store import discover, read_manifest
 from app.text import Vocabulary, get_normaliser
 from training.model import LanguageModel, SentimentClassifier
-
-PARITY_TOLERANCE = 1e-4
 
 
 def onnx_lstm_to_torch(w: np.ndarray, r: np.ndarray, b: np.ndarray) -> dict[str, torch.Tensor]:
@@ -45,7 +44,7 @@ def _graph_weights(path: Path) -> tuple[dict[str, np.ndarray], list[tuple[str, l
 
 
 def language_model_from_onnx(directory: Path, manifest: Manifest) -> LanguageModel:
-    arrays, lstms = _graph_weights(directory / manifest.graphs["full"].file)
+    arrays, lstms = _graph_weights(directory / manifest.graphs[FULL].file)
     embedding = arrays["embedding.weight"]
     hidden = arrays[lstms[0][1][2]].shape[-1]
     tied = bool(manifest.architecture.get("tied", False))
@@ -66,7 +65,7 @@ def language_model_from_onnx(directory: Path, manifest: Manifest) -> LanguageMod
 
 
 def sentiment_model_from_onnx(directory: Path, manifest: Manifest) -> SentimentClassifier:
-    arrays, lstms = _graph_weights(directory / manifest.graphs["full"].file)
+    arrays, lstms = _graph_weights(directory / manifest.graphs[FULL].file)
     embedding = arrays["embedding.weight"]
     layers = {}
     for name, inputs in lstms:
@@ -94,7 +93,7 @@ def sentiment_model_from_onnx(directory: Path, manifest: Manifest) -> SentimentC
 def check_parity(directory: Path, manifest: Manifest, model: torch.nn.Module) -> float:
     """Largest absolute difference between the rebuilt PyTorch model and the ONNX graph on a few
     random inputs; raises when it exceeds ``PARITY_TOLERANCE``."""
-    session = ort.InferenceSession(str(directory / manifest.graphs["full"].file), providers=["CPUExecutionProvider"])
+    session = create_session(directory / manifest.graphs[FULL].file)
     rng = np.random.default_rng(0)
     vocab = manifest.tokenizer.vocab_size
     worst = 0.0

@@ -11,12 +11,15 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from app.config import available_cpus
 from app.registry import ModelRegistry
+from app.runtime import Step
+from app.scheduler import run_in_length_buckets
 from app.store import discover, read_manifest
 from app.text import Vocabulary
 from bench.load import LoadResult, Workload, drive, time_requests
@@ -67,16 +70,29 @@ def _latency_summary(latencies_ms: list[float], seconds: float) -> dict:
 
 
 def in_process_floor(options: Options, mixes: dict[str, Workload]) -> dict[str, dict]:
-    """The service's runtime called directly (no HTTP, no event loop), one request after another:
-    the least time the same work can take."""
+    """The runtime's row primitives called directly (no HTTP, no event loop, no inference thread,
+    no cache), one request after another, each answered by one onnxruntime call: the least time
+    the same work can take."""
     registry = ModelRegistry(options.store, options.threads, max_tokens=256)
     registry.load_all()
     lm, classifier = registry.language_model(None), registry.sentiment_model(None)
-    work = {
-        "/predict-next": lambda text: lm.next_word_distribution(text, 5),
-        "/score": lambda text: lm.score_sentences([text]),
-        "/sentiment": lambda text: classifier.classify([text]),
-    }
+
+    def predict_next(text: str) -> None:
+        context = lm.tokenise(text)
+        (state,) = lm.run_steps("float32", [Step(lm.context_ids(context), None)])
+        lm.top_words(context, state.log_probs, 5, False)
+
+    def score(texts: list[str]) -> None:
+        encoded, targets = lm.score_targets(texts, True)
+        scored = run_in_length_buckets(partial(lm.score_rows, "float32"), targets)
+        for row in zip(encoded, targets, scored, strict=True):
+            lm.sentence_score(*row)
+
+    def classify(text: str) -> None:
+        (encoded,) = classifier.encode([text])
+        classifier.classification(encoded, classifier.classify_rows("float32", [encoded.ids])[0])
+
+    work = {"/predict-next": predict_next, "/score": lambda text: score([text]), "/sentiment": classify}
     rng = random.Random(0)
     floor = {}
     for endpoint, run in work.items():
@@ -92,7 +108,7 @@ def in_process_floor(options: Options, mixes: dict[str, Workload]) -> dict[str, 
     rounds = 0
     started = time.perf_counter()
     while time.perf_counter() - started < options.seconds or rounds < 1:
-        lm.score_sentences([mixes["/score"].text(rng) for _ in range(32)])
+        score([mixes["/score"].text(rng) for _ in range(32)])
         rounds += 1
     floor["/score"]["batch32_sentences_per_s"] = 32 * rounds / (time.perf_counter() - started)
     return floor

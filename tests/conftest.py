@@ -1,12 +1,17 @@
 """Shared fixtures: a tiny model store written by the real export code (untrained models, a few
-dozen words), an app serving it through an in-process ASGI client, and a live uvicorn subprocess."""
+dozen words), an app serving it through an in-process ASGI client, a live uvicorn subprocess, and
+the store's models behind a scheduler with every onnxruntime call recorded."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,8 +20,11 @@ import pytest
 warnings.filterwarnings("ignore", message=r"Using `httpx` with `starlette.testclient`", category=Warning)
 from starlette.testclient import TestClient  # noqa: E402
 
+from app.cache import PrefixStateCache  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.main import create_app  # noqa: E402
+from app.registry import ModelRegistry  # noqa: E402
+from app.scheduler import Admission, Scheduler  # noqa: E402
 from bench.servers import running  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +95,51 @@ def live_server(tiny_store: Path) -> Iterator[str]:
     """``python -m app`` on a free loopback port over the tiny store; yields its base URL."""
     with running("app", tiny_store, {"LSTM_SERVE_INTRA_OP_THREADS": "1"}, timeout=60) as server:
         yield server.base_url
+
+
+def post(client: TestClient, path: str, body: dict) -> dict:
+    """POST ``body`` as JSON and return the answer, which must be a 200."""
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@dataclass
+class RecordedModels:
+    """The tiny store's models loaded in process; ``calls`` records every onnxruntime call after
+    loading as (graph, rows, thread name)."""
+
+    registry: ModelRegistry
+    calls: list[tuple[str, int, str]]
+
+    def rows(self, graph: str | None = None) -> list[int]:
+        return [rows for name, rows, _ in self.calls if graph is None or name == graph]
+
+
+@pytest.fixture
+def models(tiny_store: Path) -> RecordedModels:
+    calls: list[tuple[str, int, str]] = []
+
+    def observer(name: str, version: int):
+        return lambda graph, seconds, rows: calls.append((graph, rows, threading.current_thread().name))
+
+    registry = ModelRegistry(tiny_store, threads=1, max_tokens=256, observer=observer)
+    registry.load_all()
+    calls.clear()
+    return RecordedModels(registry, calls)
+
+
+def scheduled(work: Callable[[Scheduler], list], *, batching: bool = True, max_size: int = 32,
+              max_wait: float = 0.05, cache_bytes: int = 0, max_waiting: int = 256) -> list[Any]:
+    """Start every request of ``work(scheduler)`` at once on a fresh scheduler and return their
+    answers in order (an exception where a request failed)."""
+
+    async def main() -> list[Any]:
+        scheduler = Scheduler(Admission(max_waiting), PrefixStateCache(cache_bytes), batching=batching,
+                              max_size=max_size, max_wait=max_wait)
+        try:
+            return await asyncio.gather(*work(scheduler), return_exceptions=True)
+        finally:
+            scheduler.close()
+
+    return asyncio.run(main())

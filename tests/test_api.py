@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
-import time
 
-import pytest
-from conftest import LABELS, tiny_settings
+from conftest import LABELS, post, tiny_settings
 from starlette.testclient import TestClient
 
 from app.config import Settings, available_cpus
-from app.errors import Overloaded
 from app.main import create_app
-from app.runtime import InferencePool
-
-
-def post(client: TestClient, path: str, body: dict) -> dict:
-    response = client.post(path, json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def test_predict_next_returns_top_k_words_most_probable_first(client):
@@ -199,32 +187,6 @@ def test_not_ready_until_models_load(tiny_store):
     assert client.get("/health/live").status_code == 200
     scored = client.post("/score", json={"text": "the"})
     assert (scored.status_code, scored.json()["error"]["code"]) == (503, "not_ready")
-
-
-def test_inference_runs_on_its_own_thread():
-    async def main():
-        pool = InferencePool(max_waiting=4)
-        try:
-            return await pool.run(lambda: threading.current_thread().name)
-        finally:
-            pool.close()
-
-    assert asyncio.run(main()).startswith("inference")
-
-
-def test_too_many_waiting_requests_are_refused_with_429():
-    async def main():
-        pool = InferencePool(max_waiting=1)
-        try:
-            first = asyncio.ensure_future(pool.run(time.sleep, 0.2))
-            await asyncio.sleep(0.01)
-            with pytest.raises(Overloaded):
-                await pool.run(time.sleep, 0)
-            await first
-        finally:
-            pool.close()
-
-    asyncio.run(main())
 
 
 def test_thread_budget_reads_the_cgroup_quota(tmp_path):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_settings, wait_until_ready
+from conftest import scheduled, tiny_settings, wait_until_ready
 from starlette.testclient import TestClient
 
 from app.cache import ENTRY_OVERHEAD_BYTES, PrefixState, PrefixStateCache
 from app.main import create_app
-from app.registry import ModelRegistry
-from app.runtime import LanguageModelRuntime
 
 MODEL = ("tiny-lm", 1, "float32")
 
@@ -62,19 +60,19 @@ def test_a_zero_byte_cache_is_disabled():
     assert cache.stats().entries == 0
 
 
-@pytest.fixture(scope="module")
-def language_models(tiny_store) -> tuple[LanguageModelRuntime, LanguageModelRuntime]:
-    """tiny-lm with a prefix cache and without one."""
-    cached = ModelRegistry(tiny_store, threads=1, max_tokens=256, cache=PrefixStateCache(1 << 20))
-    uncached = ModelRegistry(tiny_store, threads=1, max_tokens=256)
-    cached.load_all()
-    uncached.load_all()
-    return cached.language_model("tiny-lm"), uncached.language_model("tiny-lm")
+def distributions(models, texts: list[str], precision: str, cache_bytes: int) -> list[dict[str, float]]:
+    """The next-word distributions after ``texts``, asked one after another of one scheduler (so
+    each can find the ones before it in the cache)."""
+    lm = models.registry.language_model("tiny-lm")
+    results = []
 
+    async def one_by_one(scheduler):
+        for text in texts:
+            result, _ = await scheduler.predict_next(lm, text, 100, True, precision)
+            results.append({w.word: w.log_prob for w in result.words})
 
-def distribution(model: LanguageModelRuntime, text: str, precision="float32") -> dict[str, float]:
-    words = model.next_word_distribution(text, top_k=100, include_special=True, precision=precision).words
-    return {w.word: w.log_prob for w in words}
+    scheduled(lambda scheduler: [one_by_one(scheduler)], cache_bytes=cache_bytes)
+    return results
 
 
 # int8 graphs quantize activations dynamically, with a scale computed per call from the values in
@@ -83,45 +81,37 @@ def distribution(model: LanguageModelRuntime, text: str, precision="float32") ->
 TOLERANCE = {"float32": 1e-5, "int8": 2e-2}
 
 
-def assert_same(a: dict[str, float], b: dict[str, float], tolerance: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for word in a:
-        assert abs(a[word] - b[word]) <= tolerance, word
-
-
 @pytest.mark.parametrize("precision", ["float32", "int8"])
-def test_growing_prefixes_give_the_uncached_answer(language_models, precision):
-    cached, uncached = language_models
+def test_growing_prefixes_give_the_uncached_answer(models, precision):
     words = "the company said it expects the stock fell in the market".split()
-    hits_before = cached.cache.stats().hits
-    for n in range(len(words) + 1):  # an autocomplete client: one more word each time
-        text = " ".join(words[:n])
-        assert_same(distribution(cached, text, precision), distribution(uncached, text, precision),
-                    TOLERANCE[precision])
-    for text in ("the company said it expects the stock fell in the market",  # exact hit
-                 "the company said it expects shares of the new year",  # a shorter prefix, several new tokens
-                 "the company said it will"):  # the prefix minus its last word is cached, another last word
-        assert_same(distribution(cached, text, precision), distribution(uncached, text, precision),
-                    TOLERANCE[precision])
-    assert cached.cache.stats().hits - hits_before >= len(words) + 3
+    texts = [" ".join(words[:n]) for n in range(len(words) + 1)]  # an autocomplete client: one more word each time
+    texts += ["the company said it expects the stock fell in the market",  # exact hit
+              "the company said it expects shares of the new year",  # a shorter prefix, several new tokens
+              "the company said it will"]  # the prefix minus its last word is cached, another last word
+    cached = distributions(models, texts, precision, cache_bytes=1 << 20)
+    calls_cached = len(models.calls)
+    uncached = distributions(models, texts, precision, cache_bytes=0)
+    # Cached, each keystroke runs only its new word (15 calls); uncached, each prefix runs in two (29).
+    assert calls_cached < 0.6 * (len(models.calls) - calls_cached)
+    for text, got, expected in zip(texts, cached, uncached, strict=True):
+        assert got.keys() == expected.keys()
+        assert all(abs(got[w] - expected[w]) <= TOLERANCE[precision] for w in got), text
 
 
-def test_a_prefix_extending_a_cached_one_runs_only_its_new_tokens(tiny_store):
-    calls: list[tuple[str, int]] = []
-    registry = ModelRegistry(tiny_store, threads=1, max_tokens=256, cache=PrefixStateCache(1 << 20),
-                             observer=lambda name, version: lambda graph, seconds, rows: calls.append((graph, rows)))
-    registry.load_all()
-    model = registry.language_model("tiny-lm")
-    calls.clear()
-    model.next_word_distribution("the company said it", top_k=3)
-    # Cold: the prefix minus its last word, then the last word, both on the last-position graph.
-    assert calls == [("last", 1), ("last", 1)]
-    calls.clear()
-    model.next_word_distribution("the company said it expects", top_k=3)
-    assert calls == [("last", 1)]
-    calls.clear()
-    model.next_word_distribution("the company said it expects", top_k=3)
-    assert calls == []
+def test_a_prefix_extending_a_cached_one_runs_only_its_new_tokens(models):
+    lm = models.registry.language_model("tiny-lm")
+    calls = []
+
+    async def keystrokes(scheduler):
+        for text in ("the company said it", "the company said it expects", "the company said it expects"):
+            await scheduler.predict_next(lm, text, 3, False, None)
+            calls.append([(graph, rows) for graph, rows, _ in models.calls])
+            models.calls.clear()
+
+    scheduled(lambda scheduler: [keystrokes(scheduler)], cache_bytes=1 << 20)
+    # Cold: the prefix minus its last word, then the last word, both on the last-position graph;
+    # then only the new word; then nothing.
+    assert calls == [[("last", 1), ("last", 1)], [("last", 1)], []]
 
 
 def test_cache_counters_are_in_metrics(tiny_store):

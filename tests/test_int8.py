@@ -9,16 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_settings, wait_until_ready
+from conftest import post, tiny_settings, wait_until_ready
 from starlette.testclient import TestClient
 
 from app.main import create_app
-
-
-def post(client: TestClient, path: str, body: dict) -> dict:
-    response = client.post(path, json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def test_int8_is_chosen_per_request_and_reported(client):

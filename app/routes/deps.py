@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.batching import InferenceScheduler
+from app import scheduler
 from app.metrics import ServiceMetrics
 from app.registry import ModelRegistry
 
@@ -15,7 +15,7 @@ def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_scheduler(request: Request) -> InferenceScheduler:
+def get_scheduler(request: Request) -> scheduler.Scheduler:
     return request.app.state.scheduler
 
 
@@ -24,5 +24,5 @@ def get_metrics(request: Request) -> ServiceMetrics:
 
 
 Registry = Annotated[ModelRegistry, Depends(get_registry)]
-Scheduler = Annotated[InferenceScheduler, Depends(get_scheduler)]
+Scheduler = Annotated[scheduler.Scheduler, Depends(get_scheduler)]
 Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Path
 
 from app.errors import ModelNotFound
+from app.manifest import FULL, PRECISIONS, graph_name
 from app.registry import ModelRegistry, ModelVersion
 from app.routes.deps import Registry
-from app.runtime import PRECISIONS, graph_name
 from app.schemas import ErrorResponse, ModelInfo, ModelList, ModelVersionInfo
 
 router = APIRouter(tags=["models"])
@@ -20,7 +20,7 @@ def _precisions(entry: ModelVersion) -> list[str] | None:
         return list(entry.runtime.precisions)
     if entry.manifest is None:
         return None
-    return [p for p in PRECISIONS if graph_name("full", p) in entry.manifest.graphs]
+    return [p for p in PRECISIONS if graph_name(FULL, p) in entry.manifest.graphs]
 
 
 def _version_info(entry: ModelVersion) -> ModelVersionInfo:
