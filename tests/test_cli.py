@@ -1,11 +1,15 @@
-"""The training command line: clear messages and exit code 2 for bad input, never a traceback."""
+"""The training command line end to end on tiny data (train, resume, export, evaluate): results, and clear
+messages with exit code 2 for bad input, never a traceback."""
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from app.manifest import load_manifest
 from training.cli import EXIT_BAD_INPUT, build_parser, main
 
 PTB_LINES = " the company said it expects N \n mr. <unk> is chairman \n" * 30
@@ -24,6 +28,18 @@ def corpus(tmp_path):
 def _run(argv, capsys):
     code = main(argv)
     return code, capsys.readouterr().err
+
+
+def _train_lm(corpus, run, *options):
+    """train-lm arguments for a tiny model on the corpus fixture, into ``corpus/run``. One thread: a
+    model this small gains nothing from more, and they slow it down on a busy machine."""
+    return ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
+            "--run-dir", str(corpus / run), "--embedding-size", "8", "--hidden-size", "8", "--batch-size", "2",
+            "--bptt", "5", "--threads", "1", *options]
+
+
+def _export(run_dir, store, name, *options):
+    return ["export", "--run-dir", str(run_dir), "--store", str(store), "--name", name, *options]
 
 
 @pytest.mark.parametrize(
@@ -50,17 +66,14 @@ def test_malformed_sentiment_data_exits_2(corpus, capsys):
 
 
 def test_existing_run_and_version_are_not_overwritten(corpus, capsys):
-    args = ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
-            "--run-dir", str(corpus / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "1",
-            "--batch-size", "2", "--bptt", "5"]
+    args = _train_lm(corpus, "run", "--epochs", "1")
     assert _run(args, capsys)[0] == 0
     code, err = _run(args, capsys)
     assert code == EXIT_BAD_INPUT and "--resume" in err
     # --resume continues the finished run: nothing left to do, the checkpoint stays.
     assert _run([*args, "--resume"], capsys)[0] == 0
 
-    export = ["export", "--run-dir", str(corpus / "run"), "--store", str(corpus / "store"), "--name", "tiny-lm",
-              "--valid", str(corpus / "valid.txt")]
+    export = _export(corpus / "run", corpus / "store", "tiny-lm", "--valid", str(corpus / "valid.txt"))
     assert _run(export, capsys)[0] == 0
     manifest = (corpus / "store" / "tiny-lm" / "1" / "manifest.json").read_bytes()
     code, err = _run([*export, "--version", "1"], capsys)
@@ -70,10 +83,24 @@ def test_existing_run_and_version_are_not_overwritten(corpus, capsys):
     assert _run(export, capsys)[0] == 0
     assert (corpus / "store" / "tiny-lm" / "2" / "manifest.json").exists()
 
-    code, _ = _run(["evaluate", str(corpus / "store" / "tiny-lm" / "1"), str(corpus / "valid.txt")], capsys)
-    assert code == 0
+
+def test_evaluate_reproduces_the_exported_figures_and_refuses_a_bad_version(corpus, capsys):
+    assert _run(_train_lm(corpus, "run", "--epochs", "1"), capsys)[0] == 0
+    version = corpus / "store" / "tiny-lm" / "1"
+    assert _run(_export(corpus / "run", corpus / "store", "tiny-lm", "--valid", str(corpus / "valid.txt")),
+                capsys)[0] == 0
+    assert main(["evaluate", str(version), str(corpus / "valid.txt"), "--graph", "full-int8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == load_manifest(version).metrics["valid_int8"]
+    assert set(printed) == {"perplexity", "tokens", "file", "graph"} and printed["graph"] == "full-int8"
+
     code, err = _run(["evaluate", str(corpus), str(corpus / "valid.txt")], capsys)
-    assert code == EXIT_BAD_INPUT and "no manifest.json" in err
+    assert code == EXIT_BAD_INPUT and "manifest.json is missing" in err and "Traceback" not in err
+    manifest = json.loads((version / "manifest.json").read_text())
+    del manifest["graphs"]["full"]
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _run(["evaluate", str(version), str(corpus / "valid.txt")], capsys)
+    assert code == EXIT_BAD_INPUT and "lists no 'full' graph" in err
 
 
 def test_help_explains_every_option():
@@ -95,27 +122,41 @@ def test_real_process_exit_code_and_message(tmp_path):
     assert result.stderr.strip() == f"error: data file not found: {tmp_path / 'nope.txt'}"
 
 
-def test_interrupted_run_resumes_where_it_stopped(corpus, capsys):
-    args = ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
-            "--run-dir", str(corpus / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "3",
-            "--batch-size", "2", "--bptt", "5"]
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(corpus, capsys):
+    # Dropout draws from the RNG in every window and the rate decays each epoch, so the runs agree
+    # only if the weights, the optimizer and the RNG state all carry over.
+    schedule = ["--epochs", "3", "--dropout", "0.3", "--decay-after", "1"]
     # --max-minutes 0 stops after the first epoch, as a session running out of time would.
-    assert _run([*args, "--max-minutes", "0"], capsys)[0] == 0
-    metrics = json.loads((corpus / "run" / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1]
-    assert _run([*args, "--resume"], capsys)[0] == 0
-    metrics = json.loads((corpus / "run" / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
-    assert metrics["config"]["epochs"] == 3
+    assert _run(_train_lm(corpus, "interrupted", *schedule, "--max-minutes", "0"), capsys)[0] == 0
+    assert [h["epoch"] for h in json.loads((corpus / "interrupted" / "metrics.json").read_text())["history"]] == [1]
+    assert _run(_train_lm(corpus, "interrupted", *schedule, "--resume"), capsys)[0] == 0
+    assert _run(_train_lm(corpus, "uninterrupted", *schedule), capsys)[0] == 0
+
+    resumed, straight = (torch.load(corpus / run / "checkpoint.pt", weights_only=True)
+                         for run in ("interrupted", "uninterrupted"))
+    assert resumed["epoch"] == straight["epoch"] == 3
+    assert resumed["model"].keys() == straight["model"].keys()
+    for name, weights in straight["model"].items():
+        assert torch.equal(resumed["model"][name], weights), name
+    assert resumed["optimizer"] == straight["optimizer"]
+    assert torch.equal(resumed["rng"], straight["rng"])
+    assert resumed["best_valid_loss"] == straight["best_valid_loss"]
+
+    def losses(run):
+        history = json.loads((corpus / run / "metrics.json").read_text())["history"]
+        return [(h["epoch"], h["lr"], h["train_ppl"], h["valid_ppl"]) for h in history]
+
+    assert [epoch for epoch, *_ in losses("uninterrupted")] == [1, 2, 3]
+    assert losses("interrupted") == losses("uninterrupted")
 
 
 def test_resume_may_change_the_schedule_but_not_the_model(corpus, capsys):
-    args = ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
-            "--run-dir", str(corpus / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "1",
-            "--batch-size", "2", "--bptt", "5"]
+    args = _train_lm(corpus, "run", "--epochs", "1")
     assert _run(args, capsys)[0] == 0
     code, err = _run([*args, "--resume", "--hidden-size", "16"], capsys)
     assert code == EXIT_BAD_INPUT and "cannot change hidden_size" in err
+    code, err = _run([*args, "--resume", "--normaliser", "whitespace"], capsys)
+    assert code == EXIT_BAD_INPUT and "cannot change normaliser" in err
     assert _run([*args, "--resume", "--epochs", "2", "--decay-after", "1"], capsys)[0] == 0
     metrics = json.loads((corpus / "run" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
@@ -130,12 +171,49 @@ def test_sentiment_run_exports_with_metrics_measured_on_the_graph(tmp_path, caps
     train = ["train-sentiment", "--train", str(tmp_path / "train"), "--dev", str(tmp_path / "dev"),
              "--run-dir", str(tmp_path / "run"), "--embedding-size", "8", "--hidden-size", "8", "--epochs", "2"]
     assert _run(train, capsys)[0] == 0
-    export = ["export", "--run-dir", str(tmp_path / "run"), "--store", str(tmp_path / "store"),
-              "--name", "tiny-sentiment", "--valid", str(tmp_path / "dev"), "--note", "tiny"]
+    checkpoint = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert checkpoint["task"] == "sentiment" and checkpoint["normaliser"] == "sst"
+    export = _export(tmp_path / "run", tmp_path / "store", "tiny-sentiment", "--valid", str(tmp_path / "dev"),
+                     "--note", "tiny")
     assert _run(export, capsys)[0] == 0
     manifest = json.loads((tmp_path / "store" / "tiny-sentiment" / "1" / "manifest.json").read_text())
     assert manifest["task"] == "sentiment" and manifest["labels"] == ["negative", "positive"]
+    assert manifest["tokenizer"]["normaliser"] == "sst"
     assert manifest["metrics"]["valid"]["examples"] == 2
     assert 0.0 <= manifest["metrics"]["valid"]["accuracy"] <= 1.0
     assert manifest["metrics"]["valid_int8"]["graph"] == "full-int8"
     assert manifest["training"]["note"] == "tiny" and manifest["training"]["epochs"] == 2
+
+
+def test_the_training_normaliser_is_recorded_in_the_checkpoint_and_the_manifest(corpus, capsys):
+    assert _run(_train_lm(corpus, "run", "--epochs", "1", "--normaliser", "whitespace"), capsys)[0] == 0
+    checkpoint = torch.load(corpus / "run" / "best.pt", weights_only=True)
+    assert checkpoint["task"] == "language-model" and checkpoint["normaliser"] == "whitespace"
+    assert _run(_export(corpus / "run", corpus / "store", "tiny-lm"), capsys)[0] == 0
+    assert load_manifest(corpus / "store" / "tiny-lm" / "1").tokenizer.normaliser == "whitespace"
+
+
+def test_failed_export_leaves_no_version_behind(corpus, capsys):
+    assert _run(_train_lm(corpus, "run", "--epochs", "1"), capsys)[0] == 0
+    # The test file is measured on the staged graphs; when it is unreadable nothing is moved into place.
+    code, err = _run(_export(corpus / "run", corpus / "store", "tiny-lm", "--test", str(corpus / "binary.txt")),
+                     capsys)
+    assert code == EXIT_BAD_INPUT and "binary file" in err
+    assert list((corpus / "store" / "tiny-lm").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "message"),
+    [
+        ({"config": {}, "vocab": [], "model": {}, "normaliser": "ptb"}, "has no 'task' key"),
+        ({"task": "language-model", "config": {}, "vocab": [], "model": {}}, "has no 'normaliser' key"),
+        ({"task": "translation", "normaliser": "ptb"}, "has task 'translation'"),
+        ({"task": "sentiment", "normaliser": "sst", "args": argparse.Namespace(lr=1.0)}, "weights_only=True refuses"),
+    ],
+)
+def test_checkpoint_that_does_not_say_what_it_holds_is_refused_by_name(tmp_path, capsys, checkpoint, message):
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "best.pt")
+    code, err = _run(_export(tmp_path / "run", tmp_path / "store", "tiny-lm"), capsys)
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err
+    assert str(tmp_path / "run" / "best.pt") in err and message in err

@@ -2,12 +2,14 @@
 
 import hashlib
 import json
+import logging
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
+from app.manifest import Manifest, load_manifest
+from app.sessions import create_session
 from app.text import EOS, PAD, UNK, Vocabulary
 from training.export import ExportError, export_language_model, export_sentiment_model
 from training.model import LanguageModel, SentimentClassifier
@@ -37,8 +39,10 @@ def sentiment_version(tmp_path_factory):
     return model, vocab, path
 
 
-def _session(path):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _tiny_classifier():
+    torch.manual_seed(0)
+    vocab = Vocabulary([PAD, UNK, *WORDS])
+    return SentimentClassifier(len(vocab), 4, 4, 1, 0.0, False, 2, vocab.pad_id).eval(), vocab
 
 
 @pytest.mark.parametrize(("batch", "seq"), [(1, 1), (1, 6), (5, 1), (3, 13)])
@@ -50,8 +54,8 @@ def test_language_model_graphs_match_pytorch(lm_version, batch, seq):
     c0 = rng.normal(0, 0.5, (2, batch, 12)).astype(np.float32)
     with torch.no_grad():
         expected = [t.numpy() for t in model(torch.from_numpy(tokens), torch.from_numpy(h0), torch.from_numpy(c0))]
-    full = _session(path / "model.onnx").run(None, {"tokens": tokens, "h0": h0, "c0": c0})
-    last = _session(path / "last.onnx").run(None, {"tokens": tokens, "h0": h0, "c0": c0})
+    full = create_session(path / "model.onnx").run(None, {"tokens": tokens, "h0": h0, "c0": c0})
+    last = create_session(path / "last.onnx").run(None, {"tokens": tokens, "h0": h0, "c0": c0})
     for actual, wanted in zip(full, expected, strict=True):
         np.testing.assert_allclose(actual, wanted, atol=1e-5)
     np.testing.assert_allclose(last[0], expected[0][:, -1], atol=1e-5)
@@ -67,7 +71,7 @@ def test_sentiment_graph_matches_pytorch_and_ignores_padding(sentiment_version, 
     lengths = rng.integers(1, seq + 1, batch)
     tokens = rng.integers(2, len(vocab), (batch, seq))
     tokens[np.arange(seq)[None] >= lengths[:, None]] = vocab.pad_id
-    session = _session(path / "model.onnx")
+    session = create_session(path / "model.onnx")
     (probs,) = session.run(None, {"tokens": tokens, "lengths": lengths})
     with torch.no_grad():
         expected = model(torch.from_numpy(tokens), torch.from_numpy(lengths)).numpy()
@@ -105,7 +109,7 @@ def test_manifest_describes_graphs_tokenizer_and_selftest(lm_version):
     assert manifest["tokenizer"]["vocab_size"] == len(vocab)
     assert max(manifest["parity"]["max_abs_diff"].values()) <= 1e-4
     # The self-test vectors reproduce on the written graph.
-    session = _session(path / "model.onnx")
+    session = create_session(path / "model.onnx")
     for case in manifest["selftest"]["cases"]:
         tokens = np.array(case["inputs"]["tokens"], dtype=np.int64)
         zeros = np.zeros((2, tokens.shape[0], 12), dtype=np.float32)
@@ -113,6 +117,50 @@ def test_manifest_describes_graphs_tokenizer_and_selftest(lm_version):
         outputs = dict(zip(["log_probs", "hn", "cn"], run, strict=True))
         for check in case["checks"]:
             assert outputs[check["output"]][tuple(check["index"])] == pytest.approx(check["value"], abs=1e-4)
+
+
+def test_written_manifest_validates_and_round_trips(lm_version, sentiment_version):
+    for (_, vocab, path), normaliser in ((lm_version, "ptb"), (sentiment_version, "sst")):
+        manifest = load_manifest(path)
+        assert manifest.to_json() == (path / "manifest.json").read_text()
+        assert manifest.tokenizer.normaliser == normaliser and manifest.tokenizer.vocab_size == len(vocab)
+    assert set(load_manifest(lm_version[2]).graphs) == {"full", "last", "full-int8", "last-int8"}
+    assert set(load_manifest(sentiment_version[2]).graphs) == {"full", "full-int8"}
+    assert load_manifest(sentiment_version[2]).labels == ["negative", "positive"]
+
+
+def test_metrics_are_measured_on_the_staged_graphs_before_the_one_manifest_write(tmp_path):
+    model, vocab = _tiny_classifier()
+    seen = {}
+
+    def evaluate(staged, manifest):
+        seen["manifest_on_disk"] = (staged / "manifest.json").exists()
+        seen["graph_on_disk"] = (staged / manifest.graphs["full"].file).exists()
+        seen["manifest"] = manifest
+        return {"valid": {"accuracy": 0.5}}
+
+    path = export_sentiment_model(model, vocab, ["negative", "positive"], tmp_path, "tiny-sentiment",
+                                  architecture={}, training={}, evaluate=evaluate)
+    assert seen["manifest_on_disk"] is False and seen["graph_on_disk"] is True
+    assert isinstance(seen["manifest"], Manifest) and seen["manifest"].metrics == {}
+    assert load_manifest(path).metrics == {"valid": {"accuracy": 0.5}}
+
+
+def test_export_prints_and_logs_nothing(tmp_path, capfd, caplog):
+    model, vocab = _tiny_classifier()
+    with caplog.at_level(logging.WARNING):
+        export_sentiment_model(model, vocab, ["negative", "positive"], tmp_path, "tiny-sentiment",
+                               architecture={}, training={})
+    assert caplog.records == []
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("name", ["Tiny-lm", "tiny_lm", "-tiny", "tiny--lm", "a" * 65])
+def test_model_name_outside_the_contract_is_refused(tmp_path, name):
+    model, vocab = _tiny_classifier()
+    with pytest.raises(ExportError, match="model name"):
+        export_sentiment_model(model, vocab, ["negative", "positive"], tmp_path, name, architecture={}, training={})
+    assert not any(tmp_path.iterdir())
 
 
 def test_tied_weights_are_stored_once(lm_version):
@@ -143,7 +191,7 @@ def test_int8_graphs_are_listed_and_close_to_the_float_graph(lm_version):
     tokens = np.array([[0, 2, 3, 4, 5]], dtype=np.int64)
     zeros = np.zeros((2, 1, 12), dtype=np.float32)
     feeds = {"tokens": tokens, "h0": zeros, "c0": zeros}
-    exact = _session(path / "last.onnx").run(None, feeds)[0]
-    quantized = _session(path / "last.int8.onnx").run(None, feeds)[0]
+    exact = create_session(path / "last.onnx").run(None, feeds)[0]
+    quantized = create_session(path / "last.int8.onnx").run(None, feeds)[0]
     # Quantization moves the log-probabilities a little, never wildly.
     assert 0 < np.abs(exact - quantized).max() < 0.5

@@ -5,10 +5,11 @@ import sys
 import pytest
 import torch
 
+from training.checkpoint import load_checkpoint
 from training.config import SentimentConfig
 from training.data import DataError, pad_batch, read_labelled, read_tree_phrases
 from training.model import SentimentClassifier, reverse_padded
-from training.sentiment import load_checkpoint, train_sentiment
+from training.sentiment import accuracy, model_from_checkpoint, train_sentiment
 
 TREES = [
     "(3 (2 The) (4 (3 gorgeous) (2 film)))",
@@ -68,8 +69,12 @@ def test_tiny_classifier_learns_and_keeps_the_best_dev_model(tmp_path):
     metrics = train_sentiment(config, tmp_path / "train", tmp_path / "dev", tmp_path / "run")
     assert metrics["best_dev_accuracy"] == 1.0
     assert metrics["history"][0]["train_loss"] > metrics["history"][-1]["train_loss"] * 3
-    model, vocab, checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    checkpoint = load_checkpoint(tmp_path / "run" / "best.pt", "sentiment")
     assert checkpoint["epoch"] == metrics["best_epoch"]
+    assert checkpoint["task"] == "sentiment" and checkpoint["normaliser"] == "sst"
+    # best.pt holds the best dev model, not the last one.
+    model, vocab = model_from_checkpoint(checkpoint)
+    assert accuracy(model, read_labelled(tmp_path / "dev", 2), vocab) == 1.0
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     with pytest.raises(FileExistsError):
         train_sentiment(config, tmp_path / "train", tmp_path / "dev", tmp_path / "run")

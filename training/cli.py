@@ -8,6 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from app.manifest import FULL
+from app.text import NORMALISERS
 from training.config import LM_PRESETS, SENTIMENT_PRESETS, LMConfig, SentimentConfig, with_overrides
 from training.data import DataError
 from training.export import ExportError
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--resume", action="store_true",
                     help="continue the run in RUN_DIR from its last checkpoint, with its configuration; "
                     "schedule options given now (--epochs, --lr, --lr-decay, --decay-after, --max-grad-norm) apply")
+    lm.add_argument("--normaliser", choices=sorted(NORMALISERS), default=None,
+                    help="how the service maps raw text to the corpus's tokens, recorded for the export "
+                    "(default: ptb; a resumed run keeps its own)")
     lm.add_argument("--max-minutes", type=float, default=None,
                     help="stop after the epoch that passes this wall time (resume later with --resume)")
     _add_threads_option(lm)
@@ -72,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(e.g. ../shared/data/sst_trees/trees/train.txt)")
     sentiment.add_argument("--classes", type=int, choices=(2, 5), default=2, help="2 for SST-2, 5 for SST-5")
     sentiment.add_argument("--run-dir", type=Path, required=True, help="where best.pt, metrics.json and curves.png go")
+    sentiment.add_argument("--normaliser", choices=sorted(NORMALISERS), default="sst",
+                           help="how the service maps raw text to the corpus's tokens, recorded for the export "
+                           "(default: sst)")
     sentiment.add_argument("--preset", choices=sorted(SENTIMENT_PRESETS), default="default", help="named configuration")
     _add_threads_option(sentiment)
     _add_config_options(sentiment, SentimentConfig, SENTIMENT_PRESETS)
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("version_dir", type=Path, help="e.g. model_store/ptb-lm/1")
     evaluate.add_argument("file", type=Path, help="evaluation data")
-    evaluate.add_argument("--graph", default="full",
+    evaluate.add_argument("--graph", default=FULL,
                           help="which graph of the manifest to run (e.g. full-int8; default: full)")
     return parser
 
@@ -122,16 +130,19 @@ def main(argv: list[str] | None = None) -> int:
             config = with_overrides(LM_PRESETS[args.preset], vars(args))
             given = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name) is not None}
             train_language_model(config, args.train, args.valid, args.run_dir, args.resume, args.max_minutes,
-                                 command, given)
+                                 command, given, args.normaliser)
         elif args.command == "train-sentiment":
             from training.sentiment import train_sentiment
 
             config = with_overrides(SENTIMENT_PRESETS[args.preset], vars(args))
-            train_sentiment(config, args.train, args.dev, args.run_dir, args.classes, args.trees, command)
+            train_sentiment(config, args.train, args.dev, args.run_dir, args.classes, args.trees, command,
+                            args.normaliser)
         elif args.command == "export":
             from training.export import export_run
 
-            path = export_run(args, command)
+            path = export_run(args.run_dir, args.store, args.name, version=args.version, valid=args.valid,
+                              test=args.test, description=args.description, data=args.data, note=args.note,
+                              force=args.force, command=command)
             print(f"exported {path}")
         elif args.command == "evaluate":
             import json

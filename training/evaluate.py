@@ -3,49 +3,51 @@ manifest are the numbers the service will reproduce."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from app.manifest import FULL, Manifest, ManifestError, load_manifest
+from app.sessions import create_session
 from app.text import Vocabulary
 from training.data import DataError, pad_batch, read_labelled, read_lm_corpus
 
 LM_EVAL_WINDOW = 35
 
 
-def onnx_session(path: Path) -> ort.InferenceSession:
-    """A CPU onnxruntime session over ``path`` (its external weights load from beside it)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def read_version(version_dir: Path) -> Manifest:
+    """The validated manifest of a model-store version; a DataError if it is missing or invalid."""
+    try:
+        return load_manifest(version_dir)
+    except ManifestError as e:
+        raise DataError(f"not a model-store version ({e}): {version_dir}") from None
 
 
-def _load(version_dir: Path, graph: str = "full") -> tuple[dict, Vocabulary, ort.InferenceSession]:
-    manifest_path = version_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise DataError(f"not a model-store version (no manifest.json): {version_dir}")
-    manifest = json.loads(manifest_path.read_text())
-    vocab = Vocabulary.load(version_dir / manifest["tokenizer"]["vocab_file"])
-    if graph not in manifest["graphs"]:
-        raise DataError(f"{version_dir} has no {graph!r} graph; it has {', '.join(manifest['graphs'])}")
-    session = onnx_session(version_dir / manifest["graphs"][graph]["file"])
-    return manifest, vocab, session
+def _vocabulary(version_dir: Path, manifest: Manifest) -> Vocabulary:
+    try:
+        return Vocabulary.load(version_dir / manifest.tokenizer.vocab_file)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{version_dir}: cannot read {manifest.tokenizer.vocab_file} ({e})") from None
 
 
-def lm_perplexity(version_dir: Path, path: Path, graph: str = "full") -> dict:
+def _session(version_dir: Path, manifest: Manifest, graph: str) -> ort.InferenceSession:
+    if graph not in manifest.graphs:
+        raise DataError(f"{version_dir} has no {graph!r} graph; it has {', '.join(manifest.graphs)}")
+    return create_session(version_dir / manifest.graphs[graph].file)
+
+
+def _perplexity(version_dir: Path, manifest: Manifest, path: Path, graph: str) -> dict:
     """Perplexity of a pre-tokenized corpus (one sentence per line, ``<eos>`` after each),
     read as one stream with batch 1 and the state carried across windows: the test
     convention of Zaremba et al."""
-    manifest, vocab, session = _load(version_dir, graph)
-    if manifest["task"] != "language-model":
-        raise DataError(f"{version_dir} is a {manifest['task']} model, not a language model")
+    vocab = _vocabulary(version_dir, manifest)
+    session = _session(version_dir, manifest, graph)
     ids = [i for sentence in read_lm_corpus(path) for i in (*vocab.encode(sentence), vocab.eos_id)]
     stream = np.array([[vocab.eos_id, *ids]], dtype=np.int64)
-    shape = manifest["graphs"]["full"]["inputs"]["h0"]["shape"]
-    h = c = np.zeros((shape[0], 1, shape[2]), dtype=np.float32)
+    layers, _, hidden = manifest.graphs[graph].inputs["h0"].shape
+    h = c = np.zeros((layers, 1, hidden), dtype=np.float32)
     total = 0.0
     for start in range(0, stream.shape[1] - 1, LM_EVAL_WINDOW):
         inputs = stream[:, start : start + LM_EVAL_WINDOW]
@@ -57,12 +59,11 @@ def lm_perplexity(version_dir: Path, path: Path, graph: str = "full") -> dict:
     return {"perplexity": round(math.exp(total / tokens), 3), "tokens": tokens, "file": path.name, "graph": graph}
 
 
-def sentiment_accuracy(version_dir: Path, path: Path, graph: str = "full") -> dict:
+def _accuracy(version_dir: Path, manifest: Manifest, path: Path, graph: str) -> dict:
     """Accuracy on an ``stsa.*``-style file (``<label> <tokenized sentence>`` per line)."""
-    manifest, vocab, session = _load(version_dir, graph)
-    if manifest["task"] != "sentiment":
-        raise DataError(f"{version_dir} is a {manifest['task']} model, not a sentiment model")
-    examples = read_labelled(path, len(manifest["labels"]))
+    vocab = _vocabulary(version_dir, manifest)
+    session = _session(version_dir, manifest, graph)
+    examples = read_labelled(path, len(manifest.labels))
     correct = 0
     for start in range(0, len(examples), 128):
         chunk = examples[start : start + 128]
@@ -73,9 +74,13 @@ def sentiment_accuracy(version_dir: Path, path: Path, graph: str = "full") -> di
             "graph": graph}
 
 
-def evaluate_version(version_dir: Path, path: Path, graph: str = "full") -> dict:
-    """Perplexity or accuracy, by the version's task."""
-    manifest, _, _ = _load(version_dir, graph)
-    if manifest["task"] == "language-model":
-        return lm_perplexity(version_dir, path, graph)
-    return sentiment_accuracy(version_dir, path, graph)
+_MEASURES = {"language-model": _perplexity, "sentiment": _accuracy}
+
+
+def evaluate_version(version_dir: Path, path: Path, graph: str = FULL, manifest: Manifest | None = None) -> dict:
+    """Perplexity (language model) or accuracy (classifier) of ``graph`` of the version in
+    ``version_dir`` on the data file ``path``. ``manifest`` is the version's manifest when the caller
+    holds it already (the exporter, before writing it); otherwise it is read from ``version_dir``."""
+    if manifest is None:
+        manifest = read_version(version_dir)
+    return _MEASURES[manifest.task](version_dir, manifest, path, graph)

@@ -1,8 +1,10 @@
 """Export to the model store: ONNX graphs (legacy TorchScript exporter, dynamic batch and
-sequence axes), a parity check of onnxruntime against PyTorch, and manifest.json.
+sequence axes), a parity check of onnxruntime against PyTorch, and manifest.json (an
+`app.manifest.Manifest`).
 
 A version directory is written under a temporary name and renamed into place only when every
-check has passed, so a failed export never leaves a half-written version behind."""
+check has passed and its manifest validates, so a failed export never leaves a half-written
+version behind."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import platform
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -23,64 +25,60 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from app.manifest import (
+    FULL,
+    GRAPH_FILES,
+    INTEGER_TENSORS,
+    LAST,
+    MANIFEST_FILE,
+    PARITY_TOLERANCE,
+    SELFTEST_TOLERANCE,
+    SIGNATURES,
+    FileEntry,
+    GraphSpec,
+    Manifest,
+    ManifestError,
+    Precision,
+    SelfTest,
+    SelfTestCase,
+    SelfTestCheck,
+    SpecialToken,
+    Task,
+    TensorSpec,
+    TokenizerSpec,
+    base_graph,
+    graph_name,
+    is_model_name,
+    parse_manifest,
+)
+from app.sessions import create_session
 from app.text import EOS, PAD, UNK, Vocabulary
-from training.config import LMConfig
+from training import lm, sentiment
+from training.checkpoint import load_checkpoint
 from training.data import DataError, pad_batch
-from training.evaluate import lm_perplexity, onnx_session, sentiment_accuracy
-from training.lm import build_model
-from training.model import LanguageModel, SentimentClassifier
-from training.sentiment import model_from_checkpoint
+from training.evaluate import evaluate_version
+from training.model import LanguageModel, LastPositionLM, SentimentClassifier
 
 OPSET = 17
-MODEL_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
-PARITY_TOLERANCE = 1e-4
+VOCAB_FILE = "vocab.txt"
 WEIGHTS_FILE = "weights.bin"
 # Tensors at least this large go to the shared weights file; small ones stay inline.
 EXTERNAL_MIN_BYTES = 1024
+INT8: Precision = "int8"
+# Dynamic int8 quantization (weights int8 ahead of time, activations per call) of the matrix
+# products and LSTMs; the embedding lookup stays float32 and is shared with the float graphs.
+INT8_OP_TYPES = ["LSTM", "MatMul", "Gemm"]
+
+# Measures the staged version: (staged directory, its manifest so far) -> the manifest's metrics.
+Evaluate = Callable[[Path, Manifest], dict]
 
 
 class ExportError(Exception):
     """The export failed a check (parity, existing version); nothing was written."""
 
 
-class LastPositionLM(nn.Module):
-    """The language model returning only the final position's distribution, so next-word
-    prediction does not pay for a softmax at positions it throws away."""
-
-    def __init__(self, model: LanguageModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, h0, c0):
-        out, hn, cn = self.model.encode(tokens, h0, c0)
-        logits = self.model.decoder(out[:, -1])
-        return torch.log_softmax(logits, dim=-1), hn, cn
-
-
-_LM_INPUTS = {"tokens": ["batch", "seq"], "h0": ["layers", "batch", "hidden"], "c0": ["layers", "batch", "hidden"]}
-LM_GRAPHS = {
-    "full": {
-        "inputs": _LM_INPUTS,
-        "outputs": {"log_probs": ["batch", "seq", "vocab"], "hn": ["layers", "batch", "hidden"],
-                    "cn": ["layers", "batch", "hidden"]},
-    },
-    "last": {
-        "inputs": _LM_INPUTS,
-        "outputs": {"log_probs": ["batch", "vocab"], "hn": ["layers", "batch", "hidden"],
-                    "cn": ["layers", "batch", "hidden"]},
-    },
-}
-SENTIMENT_GRAPHS = {
-    "full": {
-        "inputs": {"tokens": ["batch", "seq"], "lengths": ["batch"]},
-        "outputs": {"probs": ["batch", "classes"]},
-    },
-}
-GRAPH_FILES = {"full": "model.onnx", "last": "last.onnx", "full-int8": "model.int8.onnx",
-               "last-int8": "last.int8.onnx"}
-# Dynamic int8 quantization (weights int8 ahead of time, activations per call) of the matrix
-# products and LSTMs; the embedding lookup stays float32 and is shared with the float graphs.
-INT8_OP_TYPES = ["LSTM", "MatMul", "Gemm"]
+def _not_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
 
 
 def _quantized(proto: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
@@ -89,7 +87,18 @@ def _quantized(proto: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
 
     source, target = scratch / "float.onnx", scratch / "int8.onnx"
     onnx.save_model(proto, str(source))
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES)
+    # quantize_dynamic logs (on the root logger, once per graph) the advice to run onnxruntime's
+    # pre-processing (shape inference and graph optimisation) first. On these graphs that changes
+    # nothing that matters: measured on both tasks' graphs, the same LSTM and MatMul nodes are
+    # quantized and the int8 outputs are identical (max difference 0 on the parity cases); it only
+    # turns Constant nodes into initializers. So that one message is dropped; any other is kept.
+    root = logging.getLogger()
+    root.addFilter(_not_preprocessing_advice)
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=INT8_OP_TYPES)
+    finally:
+        root.removeFilter(_not_preprocessing_advice)
     quantized = onnx.load(str(target))
     source.unlink()
     target.unlink()
@@ -150,7 +159,7 @@ def _write_graphs(graphs: dict[str, onnx.ModelProto], out_dir: Path) -> None:
     tensor stored once (the graphs of one model share their weights)."""
     offsets: dict[str, tuple[int, int]] = {}
     with (out_dir / WEIGHTS_FILE).open("wb") as weights:
-        for graph_name, proto in graphs.items():
+        for name, proto in graphs.items():
             for tensor in proto.graph.initializer:
                 raw = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
                 if len(raw) < EXTERNAL_MIN_BYTES:
@@ -171,7 +180,7 @@ def _write_graphs(graphs: dict[str, onnx.ModelProto], out_dir: Path) -> None:
                 for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = k, v
-            onnx.save_model(proto, str(out_dir / GRAPH_FILES[graph_name]))
+            onnx.save_model(proto, str(out_dir / GRAPH_FILES[name]))
 
 
 def _check_parity(
@@ -189,6 +198,13 @@ def _check_parity(
                 raise ExportError(f"onnxruntime output shape {a.shape} != PyTorch {tuple(e.shape)}")
             worst = max(worst, float(np.abs(e.numpy() - a).max()))
     return worst
+
+
+def _require_parity(parity: dict[str, float]) -> None:
+    for graph, diff in parity.items():
+        if not diff <= PARITY_TOLERANCE:
+            raise ExportError(f"{graph} graph: onnxruntime differs from PyTorch by {diff:.2e} "
+                              f"(tolerance {PARITY_TOLERANCE:.0e})")
 
 
 def _lm_cases(model: LanguageModel, vocab_size: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -214,7 +230,7 @@ def _sentiment_cases(vocab_size: int, pad_id: int, rng: np.random.Generator) -> 
     return cases
 
 
-def _selftest_checks(outputs: dict[str, np.ndarray], top: int) -> list[dict]:
+def _selftest_checks(outputs: dict[str, np.ndarray], top: int) -> list[SelfTestCheck]:
     """Sparse expected values: for each output, its `top` largest entries along the last axis
     at every leading index (enough to catch a wrong or corrupted graph, small enough for JSON)."""
     checks = []
@@ -223,42 +239,62 @@ def _selftest_checks(outputs: dict[str, np.ndarray], top: int) -> list[dict]:
         for row, values in enumerate(flat):
             leading = list(np.unravel_index(row, array.shape[:-1])) if array.ndim > 1 else []
             for column in np.argsort(-values)[:top]:
-                checks.append({"output": name, "index": [int(i) for i in leading] + [int(column)],
-                               "value": round(float(values[column]), 6)})
+                checks.append(SelfTestCheck(output=name, index=[int(i) for i in leading] + [int(column)],
+                                            value=round(float(values[column]), 6)))
     return checks
 
 
-def _file_table(out_dir: Path) -> dict:
+def _file_table(out_dir: Path) -> dict[str, FileEntry]:
     return {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"
+        p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
     }
 
 
-def _graph_table(signatures: dict, dims: dict, names: list[str]) -> dict:
+def _graph_table(task: Task, dims: dict[str, int], names: list[str]) -> dict[str, GraphSpec]:
     """The manifest's ``graphs``: file, precision and resolved signature of each written graph.
     An int8 graph has its float twin's signature."""
     table = {}
-    for graph_name in names:
-        float_name = graph_name.removesuffix("-int8")
-        signature = signatures[float_name]
-        resolved = {
+    for name in names:
+        base = base_graph(name)
+        signature = SIGNATURES[task][base]
+        tensors = {
             group: {
-                tensor: {"dtype": "int64" if tensor in ("tokens", "lengths") else "float32",
-                         "shape": [dims.get(d, d) for d in shape]}
+                tensor: TensorSpec(dtype="int64" if tensor in INTEGER_TENSORS else "float32",
+                                   shape=[dims.get(d, d) for d in shape])
                 for tensor, shape in signature[group].items()
             }
             for group in ("inputs", "outputs")
         }
-        precision = {"precision": "int8", "quantized_from": float_name} if graph_name != float_name else {
-            "precision": "float32"}
-        table[graph_name] = {"file": GRAPH_FILES[graph_name], **precision, **resolved}
+        quantized = name != base
+        table[name] = GraphSpec(file=GRAPH_FILES[name], precision=INT8 if quantized else "float32",
+                                quantized_from=base if quantized else None, **tensors)
     return table
 
 
+def _tokenizer(normaliser: str, vocab: Vocabulary) -> TokenizerSpec:
+    specials = {
+        key: SpecialToken(token=token, id=vocab.id(token)) if token in vocab else None
+        for key, token in (("unk", UNK), ("eos", EOS), ("pad", PAD))
+    }
+    return TokenizerSpec(normaliser=normaliser, vocab_file=VOCAB_FILE, vocab_size=len(vocab),
+                         special_tokens=specials)
+
+
+def _training(training: dict) -> dict:
+    """The manifest's ``training``, with the versions of the libraries that exported it."""
+    return {**training, "libraries": {"python": platform.python_version(), "torch": torch.__version__,
+                                      "onnx": onnx.__version__, "onnxruntime": ort.__version__}}
+
+
+def _created() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
 def _prepare_dir(store: Path, name: str, version: int | None, force: bool) -> tuple[Path, Path, int]:
-    if not MODEL_NAME.fullmatch(name):
-        raise ExportError(f"model name {name!r} must be lower-case letters, digits and '-'")
+    if not is_model_name(name):
+        raise ExportError(f"model name {name!r} must be lower-case letters and digits, words joined by single "
+                          "'-', at most 64 characters")
     if version is not None and version < 1:
         raise ExportError(f"version must be a positive integer, got {version}")
     version = version or next_version(store, name)
@@ -271,27 +307,21 @@ def _prepare_dir(store: Path, name: str, version: int | None, force: bool) -> tu
     return final, staging, version
 
 
-def _finish(staging: Path, final: Path, manifest: dict, evaluate: Callable[[Path], dict] | None) -> Path:
-    """Write the manifest, measure the metrics on the staged graphs, and move the version into place."""
-    manifest["files"] = _file_table(staging)
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def _finish(staging: Path, final: Path, manifest: Manifest, evaluate: Evaluate | None) -> Path:
+    """Measure the metrics on the staged graphs, validate the manifest, write it once, and move
+    the version into place."""
     if evaluate:
-        manifest["metrics"] = evaluate(staging)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = manifest.model_copy(update={"metrics": evaluate(staging, manifest)})
+    try:
+        # Validated as it will be read back, so what is written is what the service accepts.
+        manifest = parse_manifest(json.loads(manifest.to_json()))
+    except ManifestError as e:
+        raise ExportError(str(e)) from None
+    manifest.write(staging)
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
     return final
-
-
-def _base_manifest(name: str, version: int, task: str, description: str, training: dict) -> dict:
-    return {
-        "name": name, "version": version, "task": task,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "description": description,
-        "training": {**training, "libraries": {"python": platform.python_version(), "torch": torch.__version__,
-                                               "onnx": onnx.__version__, "onnxruntime": ort.__version__}},
-    }
 
 
 def export_language_model(
@@ -305,58 +335,55 @@ def export_language_model(
     description: str = "",
     architecture: dict,
     training: dict,
-    evaluate: Callable[[Path], dict] | None = None,
+    evaluate: Evaluate | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``store/name/version/`` with the full and last-position graphs; returns its path.
-    ``evaluate`` (given the staged version directory) measures the metrics on the exported graph."""
+    """Write ``store/name/version/`` with the full and last-position graphs and their int8 twins;
+    returns its path. ``evaluate`` measures the metrics on the staged version."""
     final, staging, version = _prepare_dir(store, name, version, force)
     try:
         model = model.eval()
         rng = np.random.default_rng(0)
         cases = _lm_cases(model, len(vocab), rng)
         example = tuple(torch.from_numpy(v) for v in cases[3].values())
+        signatures = SIGNATURES["language-model"]
         graphs = {
-            "full": _to_onnx(model, example, LM_GRAPHS["full"]),
-            "last": _to_onnx(LastPositionLM(model), example, LM_GRAPHS["last"]),
+            FULL: _to_onnx(model, example, signatures[FULL]),
+            LAST: _to_onnx(LastPositionLM(model), example, signatures[LAST]),
         }
         # Quantize before untying: the int8 decoder needs the transposed matrix as a constant.
-        graphs.update({f"{graph}-int8": _quantized(proto, staging) for graph, proto in list(graphs.items())})
-        for graph in ("full", "last"):
+        graphs.update({graph_name(graph, INT8): _quantized(proto, staging) for graph, proto in list(graphs.items())})
+        for graph in (FULL, LAST):
             _untie_transposed_copies(graphs[graph].graph)
         _write_graphs(graphs, staging)
+        session = create_session(staging / GRAPH_FILES[FULL])
         parity = {
-            "full": _check_parity(model, onnx_session(staging / "model.onnx"), cases),
-            "last": _check_parity(LastPositionLM(model), onnx_session(staging / "last.onnx"), cases),
+            FULL: _check_parity(model, session, cases),
+            LAST: _check_parity(LastPositionLM(model), create_session(staging / GRAPH_FILES[LAST]), cases),
         }
         _require_parity(parity)
-        vocab.save(staging / "vocab.txt")
+        vocab.save(staging / VOCAB_FILE)
 
         sentences = [["the", "company", "said", "it", "expects"], ["mr.", "<unk>", "is", "chairman"]]
         selftest_cases = []
-        session = onnx_session(staging / "model.onnx")
         for sentence in sentences:
             tokens = np.array([[vocab.eos_id, *vocab.encode(sentence)]], dtype=np.int64)
             zeros = np.zeros((model.layers, 1, model.hidden_size), dtype=np.float32)
-            feeds = {"tokens": tokens, "h0": zeros, "c0": zeros}
-            log_probs, hn, cn = session.run(None, feeds)
-            selftest_cases.append({
-                "graph": "full",
-                "inputs": {"tokens": tokens.tolist()},
-                "checks": _selftest_checks({"log_probs": log_probs, "hn": hn}, top=3),
-            })
+            log_probs, hn, _ = session.run(None, {"tokens": tokens, "h0": zeros, "c0": zeros})
+            selftest_cases.append(SelfTestCase(graph=FULL, inputs={"tokens": tokens.tolist()},
+                                               checks=_selftest_checks({"log_probs": log_probs, "hn": hn}, top=3)))
 
-        dims = {"layers": model.layers, "hidden": model.hidden_size, "vocab": len(vocab)}
-        manifest = _base_manifest(name, version, "language-model", description, training)
-        manifest.update({
-            "graphs": _graph_table(LM_GRAPHS, dims, list(graphs)),
-            "tokenizer": _tokenizer(normaliser, vocab),
-            "architecture": architecture,
-            "conventions": {"log": "natural", "context_start": EOS},
-            "metrics": {},
-            "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
-            "selftest": {"tolerance": 1e-4, "cases": selftest_cases},
-        })
+        manifest = Manifest(
+            name=name, version=version, task="language-model", created=_created(), description=description,
+            files=_file_table(staging),
+            graphs=_graph_table("language-model",
+                                {"layers": model.layers, "hidden": model.hidden_size, "vocab": len(vocab)},
+                                list(graphs)),
+            tokenizer=_tokenizer(normaliser, vocab), architecture=architecture, training=_training(training),
+            conventions={"log": "natural", "context_start": EOS},
+            parity={"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
+            selftest=SelfTest(tolerance=SELFTEST_TOLERANCE, cases=selftest_cases),
+        )
         return _finish(staging, final, manifest, evaluate)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -374,10 +401,11 @@ def export_sentiment_model(
     description: str = "",
     architecture: dict,
     training: dict,
-    evaluate: Callable[[Path], dict] | None = None,
+    evaluate: Evaluate | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``store/name/version/`` with the classifier graph; returns its path."""
+    """Write ``store/name/version/`` with the classifier graph and its int8 twin; returns its path.
+    ``evaluate`` measures the metrics on the staged version."""
     if vocab.pad_id is None:
         raise ValueError(f"a sentiment vocabulary needs {PAD}")
     final, staging, version = _prepare_dir(store, name, version, force)
@@ -386,101 +414,93 @@ def export_sentiment_model(
         rng = np.random.default_rng(0)
         cases = _sentiment_cases(len(vocab), vocab.pad_id, rng)
         example = tuple(torch.from_numpy(v) for v in cases[2].values())
-        graphs = {"full": _to_onnx(model, example, SENTIMENT_GRAPHS["full"])}
-        graphs["full-int8"] = _quantized(graphs["full"], staging)
+        graphs = {FULL: _to_onnx(model, example, SIGNATURES["sentiment"][FULL])}
+        graphs[graph_name(FULL, INT8)] = _quantized(graphs[FULL], staging)
         _write_graphs(graphs, staging)
-        session = onnx_session(staging / "model.onnx")
-        parity = {"full": _check_parity(model, session, cases)}
+        session = create_session(staging / GRAPH_FILES[FULL])
+        parity = {FULL: _check_parity(model, session, cases)}
         _require_parity(parity)
-        vocab.save(staging / "vocab.txt")
+        vocab.save(staging / VOCAB_FILE)
 
         sentences = [["a", "gorgeous", ",", "witty", "film"], ["dull", "and", "tedious"], ["it", "'s", "a", "movie"]]
         tokens, lengths = (t.numpy() for t in pad_batch([vocab.encode(s) for s in sentences], vocab.pad_id))
         (probs,) = session.run(None, {"tokens": tokens, "lengths": lengths})
-        selftest = [{
-            "graph": "full",
-            "inputs": {"tokens": tokens.tolist(), "lengths": lengths.tolist()},
-            "checks": _selftest_checks({"probs": probs}, top=len(labels)),
-        }]
-        manifest = _base_manifest(name, version, "sentiment", description, training)
-        manifest.update({
-            "graphs": _graph_table(SENTIMENT_GRAPHS, {"classes": len(labels)}, list(graphs)),
-            "tokenizer": _tokenizer(normaliser, vocab),
-            "labels": labels,
-            "architecture": architecture,
-            "metrics": {},
-            "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
-            "selftest": {"tolerance": 1e-4, "cases": selftest},
-        })
+        selftest_case = SelfTestCase(graph=FULL, inputs={"tokens": tokens.tolist(), "lengths": lengths.tolist()},
+                                     checks=_selftest_checks({"probs": probs}, top=len(labels)))
+
+        manifest = Manifest(
+            name=name, version=version, task="sentiment", created=_created(), description=description,
+            files=_file_table(staging),
+            graphs=_graph_table("sentiment", {"classes": len(labels)}, list(graphs)),
+            tokenizer=_tokenizer(normaliser, vocab), labels=labels, architecture=architecture,
+            training=_training(training),
+            parity={"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE},
+            selftest=SelfTest(tolerance=SELFTEST_TOLERANCE, cases=[selftest_case]),
+        )
         return _finish(staging, final, manifest, evaluate)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _require_parity(parity: dict[str, float]) -> None:
-    for graph, diff in parity.items():
-        if not diff <= PARITY_TOLERANCE:
-            raise ExportError(f"{graph} graph: onnxruntime differs from PyTorch by {diff:.2e} "
-                              f"(tolerance {PARITY_TOLERANCE:.0e})")
-
-
-def _tokenizer(normaliser: str, vocab: Vocabulary) -> dict:
-    specials = {
-        key: {"token": token, "id": vocab.id(token)} if token in vocab else None
-        for key, token in (("unk", UNK), ("eos", EOS), ("pad", PAD))
-    }
-    return {"normaliser": normaliser, "vocab_file": "vocab.txt", "vocab_size": len(vocab), "special_tokens": specials}
-
-
-def export_run(args, export_command: str) -> Path:
-    """The ``export`` command: a run directory's best checkpoint into the model store, with
-    the figures measured on the exported graph. ``args`` carries the CLI options."""
-    checkpoint_path = args.run_dir / "best.pt"
+def export_run(
+    run_dir: Path,
+    store: Path,
+    name: str,
+    *,
+    version: int | None = None,
+    valid: Path | None = None,
+    test: Path | None = None,
+    description: str = "",
+    data: str = "",
+    note: str = "",
+    force: bool = False,
+    command: str = "",
+) -> Path:
+    """The ``export`` command: ``run_dir/best.pt`` into ``store/name/version`` (the next free
+    version unless given), with perplexity or accuracy on ``valid`` and ``test`` measured on the
+    exported graph (and on the int8 graph for ``valid``). ``command`` is recorded as the export
+    command in the manifest."""
+    checkpoint_path = run_dir / "best.pt"
     if not checkpoint_path.exists():
-        raise DataError(f"no best.pt in {args.run_dir}: train a model there first")
-    checkpoint = torch.load(checkpoint_path, weights_only=False)
-    vocab = Vocabulary(checkpoint["vocab"])
+        raise DataError(f"no best.pt in {run_dir}: train a model there first")
+    checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
-    metrics_file = args.run_dir / "metrics.json"
+    metrics_file = run_dir / "metrics.json"
     run_metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     training = {
-        "data": args.data,
+        "data": data,
         "command": checkpoint.get("command", ""),
-        "export_command": export_command,
+        "export_command": command,
         "seed": config["seed"],
         # Epochs trained (the last evaluated point; fractional where dev was evaluated mid-epoch).
         "epochs": run_metrics["history"][-1]["epoch"] if run_metrics.get("history") else checkpoint.get("epoch"),
-        "note": args.note,
+        "note": note,
         "best_epoch": checkpoint["epoch"],
         "train_seconds": run_metrics.get("train_seconds", checkpoint.get("train_seconds")),
         "config": config,
         "history": run_metrics.get("history", []),
     }
-    sentiment = "num_classes" in checkpoint
-    measure = sentiment_accuracy if sentiment else lm_perplexity
-    splits = {"valid": args.valid, "test": args.test}
 
-    def evaluate(staged: Path) -> dict:
-        metrics = {split: measure(staged, path) for split, path in splits.items() if path is not None}
-        if args.valid is not None:
+    def evaluate(staged: Path, manifest: Manifest) -> dict:
+        splits = {"valid": valid, "test": test}
+        metrics = {split: evaluate_version(staged, path, manifest=manifest)
+                   for split, path in splits.items() if path is not None}
+        if valid is not None:
             # The int8 graph's change, on validation data only.
-            metrics["valid_int8"] = measure(staged, args.valid, graph="full-int8")
+            metrics["valid_int8"] = evaluate_version(staged, valid, graph_name(FULL, INT8), manifest=manifest)
         return metrics
 
-    common = dict(version=args.version, description=args.description, training=training, evaluate=evaluate,
-                  force=args.force)
-    if sentiment:
-        model, vocab = model_from_checkpoint(checkpoint)
+    common = dict(version=version, normaliser=checkpoint["normaliser"], description=description,
+                  training=training, evaluate=evaluate, force=force)
+    if checkpoint["task"] == "sentiment":
+        model, vocab = sentiment.model_from_checkpoint(checkpoint)
         architecture = {key: config[key] for key in ("layers", "hidden_size", "embedding_size", "dropout",
                                                     "bidirectional")}
         architecture.update(tied=False, pooling="max+mean over valid positions", classes=checkpoint["num_classes"])
-        return export_sentiment_model(model, vocab, checkpoint["labels"], args.store, args.name,
+        return export_sentiment_model(model, vocab, checkpoint["labels"], store, name,
                                       architecture=architecture, **common)
 
-    lm_config = LMConfig(**config)
-    model = build_model(lm_config, len(vocab))
-    model.load_state_dict(checkpoint["model"])
-    architecture = {"layers": lm_config.layers, "hidden_size": lm_config.hidden_size,
-                    "embedding_size": lm_config.embedding_size, "tied": lm_config.tied,
-                    "dropout": lm_config.dropout, "bidirectional": False}
-    return export_language_model(model, vocab, args.store, args.name, architecture=architecture, **common)
+    model, vocab = lm.model_from_checkpoint(checkpoint)
+    architecture = {key: config[key] for key in ("layers", "hidden_size", "embedding_size", "tied", "dropout")}
+    architecture["bidirectional"] = False
+    return export_language_model(model, vocab, store, name, architecture=architecture, **common)

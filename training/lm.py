@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from app.text import EOS, UNK, Vocabulary
+from training.checkpoint import load_checkpoint, require_normaliser, save_checkpoint
 from training.config import LMConfig
 from training.data import DataError, batchify, bptt_windows, encode_lm_corpus, read_lm_corpus
 from training.model import LanguageModel
@@ -23,6 +24,7 @@ from training.report import plot_curves, write_metrics
 
 EVAL_BATCH_SIZE = 10
 SCHEDULE_FIELDS = frozenset({"epochs", "lr", "lr_decay", "decay_after", "max_grad_norm"})
+DEFAULT_NORMALISER = "ptb"
 
 
 def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
@@ -35,6 +37,14 @@ def build_model(config: LMConfig, vocab_size: int) -> LanguageModel:
         config.tied,
         config.init_range,
     )
+
+
+def model_from_checkpoint(checkpoint: dict) -> tuple[LanguageModel, Vocabulary]:
+    """The language model (in eval mode) and vocabulary saved in a checkpoint."""
+    vocab = Vocabulary(checkpoint["vocab"])
+    model = build_model(LMConfig(**checkpoint["config"]), len(vocab))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), vocab
 
 
 def learning_rate(config: LMConfig, epoch: int) -> float:
@@ -112,12 +122,18 @@ def train_language_model(
     max_minutes: float | None = None,
     command: str = "",
     overrides: dict | None = None,
+    normaliser: str | None = None,
 ) -> dict:
     """Train into ``run_dir`` (checkpoint.pt after every epoch, best.pt at the best validation
     perplexity, metrics.json, curves.png). Returns the metrics.
 
-    On resume the run keeps its checkpoint's configuration; ``overrides`` (the options given
-    explicitly) may change only the schedule (`SCHEDULE_FIELDS`), for example to extend a run."""
+    ``normaliser`` (an `app.text.NORMALISERS` id, default ptb) is recorded in the checkpoints for
+    the export: it maps raw text to the corpus's conventions at serving time.
+
+    On resume the run keeps its checkpoint's configuration and normaliser; ``overrides`` (the options
+    given explicitly) may change only the schedule (`SCHEDULE_FIELDS`), for example to extend a run."""
+    if normaliser is not None:
+        require_normaliser(normaliser)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
     train_sentences = read_lm_corpus(train_path)
@@ -126,14 +142,17 @@ def train_language_model(
     if resume:
         if not checkpoint_path.exists():
             raise DataError(f"nothing to resume: {checkpoint_path} does not exist")
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        checkpoint = load_checkpoint(checkpoint_path, "language-model")
         saved = LMConfig(**checkpoint["config"])
+        if normaliser not in (None, checkpoint["normaliser"]):
+            raise DataError(f"cannot change normaliser when resuming (the run uses {checkpoint['normaliser']})")
         changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != v}
         fixed = sorted(set(changed) - SCHEDULE_FIELDS)
         if fixed:
             allowed = ", ".join(sorted(SCHEDULE_FIELDS))
             raise DataError(f"cannot change {', '.join(fixed)} when resuming; only {allowed}")
         config = dataclasses.replace(saved, **changed)
+        normaliser = checkpoint["normaliser"]
         if changed:
             print(f"resuming with a new schedule: {changed}")
         command = f"{checkpoint['command']} && {command}"
@@ -142,6 +161,7 @@ def train_language_model(
         if checkpoint_path.exists():
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it")
         checkpoint = None
+        normaliser = normaliser or DEFAULT_NORMALISER
         # The PTB files already map rare words to <unk>; other corpora keep every word.
         vocab = Vocabulary.build(train_sentences, specials=(EOS, UNK))
 
@@ -185,6 +205,7 @@ def train_language_model(
         print(f"epoch {epoch:3d} | lr {lr:.4f} | train ppl {math.exp(train_loss):8.2f} | "
               f"valid ppl {math.exp(valid_loss):8.2f}{' (best)' if improved else ''} | {seconds:.0f}s", flush=True)
         state = {
+            "task": "language-model", "normaliser": normaliser,
             "config": dataclasses.asdict(config), "vocab": vocab.tokens, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history,
             "epoch": epoch, "best_valid_loss": min(best_valid, valid_loss),
@@ -192,9 +213,8 @@ def train_language_model(
         }
         if improved:
             best_valid = valid_loss
-            torch.save(state, run_dir / "best.pt")
-        torch.save(state, checkpoint_path.with_suffix(".tmp"))
-        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+            save_checkpoint(state, run_dir / "best.pt")
+        save_checkpoint(state, checkpoint_path)
         write_run_report(run_dir, config, history, state["train_seconds"], command, train_path, valid_path)
         if max_minutes is not None and (time.perf_counter() - session_start) / 60 > max_minutes:
             print(f"stopping after epoch {epoch}: --max-minutes {max_minutes} reached; continue with --resume")

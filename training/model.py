@@ -1,4 +1,5 @@
-"""The two networks: a stacked-LSTM language model and a stacked-LSTM sentiment classifier."""
+"""The two networks, a stacked-LSTM language model and a stacked-LSTM sentiment classifier, and the
+language model's last-position view exported as its "last" graph."""
 
 from __future__ import annotations
 
@@ -59,6 +60,23 @@ class LanguageModel(nn.Module):
         """Natural-log probabilities [batch, seq, vocab] and the final state (the ONNX signature)."""
         logits, hn, cn = self.logits(tokens, h0, c0)
         return F.log_softmax(logits, dim=-1), hn, cn
+
+
+class LastPositionLM(nn.Module):
+    """The language model returning only the final position's distribution, so next-word
+    prediction does not pay for a softmax at positions it throws away."""
+
+    def __init__(self, model: LanguageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Natural-log probabilities [batch, vocab] of the word after the last token, and the final state."""
+        out, hn, cn = self.model.encode(tokens, h0, c0)
+        logits = self.model.decoder(out[:, -1])
+        return torch.log_softmax(logits, dim=-1), hn, cn
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

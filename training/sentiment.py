@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from app.text import PAD, UNK, Vocabulary
+from training.checkpoint import load_checkpoint, require_normaliser, save_checkpoint
 from training.config import SentimentConfig
 from training.data import DataError, LabelledText, pad_batch, read_labelled, read_tree_phrases
 from training.model import SentimentClassifier
@@ -58,8 +59,12 @@ def train_sentiment(
     num_classes: int = 2,
     trees_path: Path | None = None,
     command: str = "",
+    normaliser: str = "sst",
 ) -> dict:
-    """Train into ``run_dir`` (best.pt by dev accuracy, metrics.json, curves.png)."""
+    """Train into ``run_dir`` (best.pt by dev accuracy, metrics.json, curves.png). ``normaliser``
+    (an `app.text.NORMALISERS` id) is recorded in best.pt for the export: it maps raw text to the
+    corpus's conventions at serving time."""
+    require_normaliser(normaliser)
     if (run_dir / "best.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a trained model; choose another --run-dir")
     sentences = read_labelled(train_path, num_classes)
@@ -116,10 +121,12 @@ def train_sentiment(
                        f"dev acc {dev_accuracy:.4f}{' (best)' if improved else ''}")
             if improved:
                 best = dev_accuracy
-                torch.save({"config": dataclasses.asdict(config), "vocab": vocab.tokens, "model": model.state_dict(),
-                            "num_classes": num_classes, "labels": LABELS[num_classes], "epoch": point,
-                            "dev_accuracy": dev_accuracy, "command": command,
-                            "train_file": (trees_path or train_path).name}, run_dir / "best.pt")
+                save_checkpoint({
+                    "task": "sentiment", "normaliser": normaliser,
+                    "config": dataclasses.asdict(config), "vocab": vocab.tokens, "model": model.state_dict(),
+                    "num_classes": num_classes, "labels": LABELS[num_classes], "epoch": point,
+                    "dev_accuracy": dev_accuracy, "command": command, "train_file": (trees_path or train_path).name,
+                }, run_dir / "best.pt")
         metrics = {
             "task": "sentiment", "config": dataclasses.asdict(config), "history": history,
             "best_epoch": max(history, key=lambda h: h["dev_accuracy"])["epoch"], "best_dev_accuracy": best,
@@ -128,9 +135,9 @@ def train_sentiment(
         }
         write_metrics(run_dir, metrics)
         plot_curves(run_dir / "curves.png", history, ["train_accuracy", "dev_accuracy"], "accuracy", "sentiment")
-    checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
+    checkpoint = load_checkpoint(run_dir / "best.pt", "sentiment")
     checkpoint["train_seconds"] = metrics["train_seconds"]
-    torch.save(checkpoint, run_dir / "best.pt")
+    save_checkpoint(checkpoint, run_dir / "best.pt")
     return metrics
 
 
@@ -148,17 +155,9 @@ def _load_pretrained(model: SentimentClassifier, vocab: Vocabulary, config: Sent
 
 
 def model_from_checkpoint(checkpoint: dict) -> tuple[SentimentClassifier, Vocabulary]:
-    """The classifier (in eval mode) and vocabulary saved in a ``best.pt`` checkpoint."""
+    """The classifier (in eval mode) and vocabulary saved in a checkpoint."""
     vocab = Vocabulary(checkpoint["vocab"])
     model = build_model(SentimentConfig(**checkpoint["config"]), vocab, checkpoint["num_classes"])
     model.load_state_dict(checkpoint["model"])
     return model.eval(), vocab
-
-
-def load_checkpoint(path: Path) -> tuple[SentimentClassifier, Vocabulary, dict]:
-    if not path.exists():
-        raise DataError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, weights_only=False)
-    return *model_from_checkpoint(checkpoint), checkpoint
-
 
