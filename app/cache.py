@@ -16,8 +16,9 @@ import numpy as np
 # towards the byte bound on top of the arrays and the token ids.
 ENTRY_OVERHEAD_BYTES = 512
 
-ModelKey = tuple[str, int, str]
-"""(model name, version, precision): a cache entry is only valid for the graph that produced it."""
+ModelKey = tuple[str, int, int, str]
+"""(model name, version, load id, precision): a cache entry is only valid for the graph (and the
+load of it) that produced it."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,15 @@ class PrefixStateCache:
         lengths[length] -= 1
         if not lengths[length]:
             del lengths[length]
+
+    def forget(self, name: str, version: int, load_id: int) -> None:
+        """Drop every entry of one load of a model version (it has been unloaded)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0][:3] == (name, version, load_id)]:
+                self._remove(key)
+            for model in [m for m in self._lengths if m[:3] == (name, version, load_id)]:
+                if not self._lengths[model]:
+                    del self._lengths[model]
 
     def stats(self) -> CacheStats:
         with self._lock:

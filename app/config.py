@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.manifest import Precision
@@ -79,6 +79,22 @@ class Settings(BaseSettings):
     default_precision: Precision = Field(
         "float32", description="Graphs a request runs on when it names no precision (int8 where the model has "
         "int8 graphs, else float32).",
+    )
+    rescan_seconds: float = Field(
+        10.0, ge=0,
+        description="How often the service reconciles with the model store (new, changed and removed versions), "
+        "in seconds; 0 turns the periodic scan off (SIGHUP and POST /admin/rescan still work).",
+    )
+    allow_links_outside_store: bool = Field(
+        False, description="Serve version folders and files that are symbolic links resolving outside the store "
+        "(logged); refused by default.",
+    )
+    ready_requires_every_model: bool = Field(
+        True, description="/health/ready is 503 while any model in the store has no version in service; "
+        "false: ready while at least one model serves.",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for the /admin API (model lifecycle); the admin API is off while unset.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
 

@@ -21,7 +21,10 @@ MAX_LOCATION_CHARS = 64
 HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
+    401: "unauthorized",
+    403: "forbidden",
     405: "method_not_allowed",
+    409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
@@ -70,6 +73,18 @@ class UnsupportedMediaType(ServiceError):
 
 class Overloaded(ServiceError):
     status, code = 429, "overloaded"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class AdminDisabled(ServiceError):
+    status, code = 403, "admin_disabled"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
 
 
 class NotReady(ServiceError):

@@ -3,7 +3,6 @@ metrics, routes, error handlers and middleware together."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,10 +12,11 @@ from fastapi import FastAPI
 from app.cache import PrefixStateCache
 from app.config import Settings
 from app.errors import install_error_handlers
+from app.lifecycle import StoreWatcher
 from app.metrics import ServiceMetrics
 from app.middleware import BodySizeLimit, RequestMetrics
 from app.registry import ModelRegistry
-from app.routes import health, models
+from app.routes import admin, health, models
 from app.routes.docs import install_docs
 from app.routes.inference import inference_router
 from app.scheduler import Admission, Scheduler
@@ -41,8 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     cache = PrefixStateCache(settings.cache_bytes)
     metrics.watch_cache(cache)
     registry = ModelRegistry(
-        settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer
+        settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer,
+        allow_links_outside_store=settings.allow_links_outside_store,
+        ready_requires_every_model=settings.ready_requires_every_model,
+        on_unload=lambda runtime: cache.forget(runtime.name, runtime.version, runtime.load_id),
     )
+    metrics.watch_models(registry)
+    watcher = StoreWatcher(registry, settings.rescan_seconds)
     scheduler = Scheduler(
         Admission(settings.max_waiting_requests), cache, batching=settings.batching,
         max_size=settings.batch_max_size, max_wait=settings.batch_max_wait_ms / 1000,
@@ -53,12 +58,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("loading models from %s with %d onnxruntime threads", settings.model_store,
                  settings.intra_op_threads)
-        loading = asyncio.create_task(asyncio.to_thread(registry.load_all))
+        watcher.start()
         try:
             yield
         finally:
-            registry.stop_loading()
-            loading.cancel()
+            await watcher.stop()
             scheduler.close()
 
     app = FastAPI(
@@ -72,12 +76,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.scheduler = scheduler
     app.state.metrics = metrics
+    app.state.watcher = watcher
+    app.state.admin_token = settings.admin_token
 
     install_error_handlers(app)
     limits = Limits(settings.max_text_chars, settings.max_texts, settings.max_text_tokens)
     app.include_router(inference_router(request_schemas(limits)))
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     install_docs(app)
     # The last one added runs first: metrics see every answer, 413s included.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

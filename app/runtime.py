@@ -6,20 +6,21 @@ turns their results into answers. ``app.scheduler`` decides which rows share a c
 from __future__ import annotations
 
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from app.cache import ModelKey, PrefixState
 from app.errors import NoTokens, ServiceError, TooManyTokens
-from app.manifest import FULL, LAST, PRECISIONS, Manifest, Precision, Task, graph_name
+from app.manifest import FULL, LAST, PRECISIONS, Precision, Task, graph_name
 from app.sessions import create_session
-from app.store import ModelLoadError
+from app.store import ModelLoadError, VersionFiles
 from app.text import EOS, PAD, UNK, Vocabulary, get_normaliser
 
 InferenceObserver = Callable[[str, float, int], None]
@@ -97,12 +98,12 @@ class ModelRuntime(ABC):
 
     def __init__(
         self,
-        manifest: Manifest,
-        directory: Path,
+        files: VersionFiles,
         threads: int,
         max_tokens: int,
         observe: InferenceObserver | None = None,
     ):
+        manifest = files.manifest
         self.manifest = manifest
         self.name, self.version = manifest.name, manifest.version
         self.max_tokens = max_tokens
@@ -112,7 +113,7 @@ class ModelRuntime(ABC):
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
         try:
-            self.vocab = Vocabulary.load(directory / manifest.tokenizer.vocab_file)
+            self.vocab = Vocabulary.load(files.directory / manifest.tokenizer.vocab_file)
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ModelLoadError(f"vocabulary {manifest.tokenizer.vocab_file} is not usable: {type(e).__name__}") from e
         self._check_tokenizer()
@@ -122,16 +123,45 @@ class ModelRuntime(ABC):
             if graph is None:
                 continue
             try:
-                self.sessions[name] = create_session(directory / graph.file, threads)
+                self.sessions[name] = create_session(files.directory / graph.file, threads)
             except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
                 raise ModelLoadError(f"onnxruntime cannot load {graph.file}: {type(e).__name__}") from e
             self._check_signature(name)
+        self.load_id = 0  # which load of this version (set by the registry): cache entries never cross loads
+        self.in_flight = 0  # requests using this runtime now
+        self._on_drained: Callable[[], None] | None = None
+        self._lock = threading.Lock()
         self.special_ids = [self.vocab.id(token) for token in (EOS, UNK, PAD) if token in self.vocab]
         self.precisions: tuple[Precision, ...] = tuple(p for p in PRECISIONS if graph_name(FULL, p) in self.sessions)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Count a request as using this runtime while it runs, so a retired runtime is unloaded
+        only after its last request has its answer."""
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                drained = self._on_drained if self.in_flight == 0 else None
+                if drained:
+                    self._on_drained = None
+            if drained:
+                drained()
+
+    def retire(self, on_drained: Callable[[], None]) -> None:
+        """Call ``on_drained`` once no request uses this runtime (at once when none does)."""
+        with self._lock:
+            if self.in_flight:
+                self._on_drained = on_drained
+                return
+        on_drained()
 
     def precision(self, requested: Precision | None, default: Precision) -> Precision:
         """The precision a request runs at: the one it asked for (422 when this model has no such
@@ -231,9 +261,9 @@ class LanguageModelRuntime(ModelRuntime):
     task = "language-model"
     graphs = (FULL, LAST)
 
-    def __init__(self, manifest: Manifest, directory: Path, threads: int, max_tokens: int,
-                 observe: InferenceObserver | None = None):
-        super().__init__(manifest, directory, threads, max_tokens, observe)
+    def __init__(self, files: VersionFiles, threads: int, max_tokens: int, observe: InferenceObserver | None = None):
+        super().__init__(files, threads, max_tokens, observe)
+        manifest = files.manifest
         if self.vocab.eos_id is None:
             raise ModelLoadError(f"a language model's vocabulary needs {EOS}")
         self.eos_id: int = self.vocab.eos_id
@@ -271,8 +301,9 @@ class LanguageModelRuntime(ModelRuntime):
         return [PrefixState(hn[:, row].copy(), cn[:, row].copy(), log_probs[row].copy()) for row in range(len(steps))]
 
     def cache_key(self, precision: Precision) -> ModelKey:
-        """This version's key in the prefix-state cache: a state is only valid for the graph that made it."""
-        return (self.name, self.version, precision)
+        """This runtime's key in the prefix-state cache: a state is only valid for the graph (and
+        the load of it) that made it."""
+        return (self.name, self.version, self.load_id, precision)
 
     def context_ids(self, context: Tokenised) -> list[int]:
         """The token ids the model reads for a prefix: ``<eos>`` then the prefix."""
@@ -327,9 +358,9 @@ class SentimentRuntime(ModelRuntime):
     task = "sentiment"
     graphs = (FULL,)
 
-    def __init__(self, manifest: Manifest, directory: Path, threads: int, max_tokens: int,
-                 observe: InferenceObserver | None = None):
-        super().__init__(manifest, directory, threads, max_tokens, observe)
+    def __init__(self, files: VersionFiles, threads: int, max_tokens: int, observe: InferenceObserver | None = None):
+        super().__init__(files, threads, max_tokens, observe)
+        manifest = files.manifest
         if self.vocab.pad_id is None:
             raise ModelLoadError(f"a sentiment vocabulary needs {PAD}")
         self.pad_id: int = self.vocab.pad_id

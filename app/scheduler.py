@@ -134,7 +134,7 @@ class Scheduler:
         from its longest cached prefix; steps are keyed by their token count, because only
         equal-length steps can share a call (an LSTM's final state depends on every position)."""
         chosen = model.precision(precision, self.default_precision)
-        with self.admission.admit():
+        with self.admission.admit(), model.in_use():
             context = model.tokenise(text)
             key = model.cache_key(chosen)
             plan = self.cache.plan(key, model.context_ids(context))
@@ -153,7 +153,7 @@ class Scheduler:
         """Each text's tokens scored left to right from ``<eos>`` (the closing ``<eos>`` too with
         ``count_eos``)."""
         chosen = model.precision(precision, self.default_precision)
-        with self.admission.admit():
+        with self.admission.admit(), model.in_use():
             encoded, targets = model.score_targets(texts, count_eos)
             scored = await self._run((model.ref, "score", chosen), targets, partial(model.score_rows, chosen),
                                      padded=True)
@@ -163,7 +163,7 @@ class Scheduler:
                        precision: Precision | None) -> tuple[list[Classification], Precision]:
         """The label and per-label probabilities of each text; a text with no tokens is refused."""
         chosen = model.precision(precision, self.default_precision)
-        with self.admission.admit():
+        with self.admission.admit(), model.in_use():
             encoded = model.encode(texts)
             probabilities = await self._run((model.ref, "classify", chosen), [t.ids for t in encoded],
                                             partial(model.classify_rows, chosen), padded=True)

@@ -239,9 +239,19 @@ class SentimentResponse(_Response):
 
 
 class ModelVersionInfo(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "version": 2, "state": "serving", "reason": None, "files_changed": None, "task": "language-model",
+        "created": "2025-01-01T00:00:00+00:00", "description": "2x650 tied LSTM on PTB", "vocab_size": 10000,
+        "precisions": ["float32", "int8"], "labels": None, "architecture": {"layers": 2, "hidden_size": 650},
+        "training": {"data": "ptb"}, "metrics": {"test": {"perplexity": 85.0}},
+    }]})
+
     version: int
-    state: Literal["loading", "serving", "failed"]
+    state: Literal["loading", "serving", "failed", "unloaded"]
     reason: str | None = Field(description="Why the version is out of service, when it is.")
+    files_changed: str | None = Field(
+        None, description="A serving version whose files on disk no longer verify: why. It keeps serving what it "
+        "loaded; restore the files, or remove the version's folder to retire it.")
     task: str | None
     created: str | None
     description: str | None
@@ -267,7 +277,9 @@ class ModelInfo(_Response):
 
     name: str
     task: str | None
-    default_version: int | None = Field(description="Version served when a request names no version.")
+    default_version: int | None = Field(description="Version served when a request names no version: the pinned "
+                                        "one while it serves, else the highest version in service.")
+    pinned_version: int | None = Field(None, description="Version pinned as the default by an operator, if any.")
     versions: list[ModelVersionInfo]
 
 
@@ -285,11 +297,44 @@ class Liveness(_Response):
 
 class Readiness(_Response):
     model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready", "serving": ["ptb-lm@1"],
-                                                               "failed": []}]})
+                                                               "failed": [], "missing": []}]})
 
     status: Literal["ready"] = "ready"
     serving: list[str]
     failed: list[str]
+    missing: list[str] = Field(description="Models in the store with no version in service.")
+
+
+class AdminStatus(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "models": ModelInfo.model_json_schema()["examples"], "draining": ["ptb-lm@1"],
+        "reconciles": {"start-up": 1, "periodic": 12, "admin": 1},
+    }]})
+
+    models: list[ModelInfo]
+    draining: list[str] = Field(description="Retired versions still answering requests in flight.")
+    reconciles: dict[str, int] = Field(description="Reconciles with the store since start-up, by trigger.")
+
+
+class ReconcileResult(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "trigger": "admin", "loaded": ["ptb-lm@2"], "failed": ["ptb-lm@3"], "removed": ["ptb-lm@1"], "changed": [],
+        "seconds": 1.3,
+    }]})
+
+    trigger: str
+    loaded: list[str] = Field(description="Versions verified, warmed and put in service.")
+    failed: list[str] = Field(description="Versions refused (see their reason in /models).")
+    removed: list[str] = Field(description="Versions gone from the store, retired.")
+    changed: list[str] = Field(description="Serving versions whose files changed on disk: replaced with other "
+                               "content that verifies (now served), or no longer verifying (see `files_changed`).")
+    seconds: float
+
+
+class PinRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"version": 1}]})
+
+    version: int = Field(ge=1, description="A version in service to make the default.")
 
 
 class ErrorBody(_Response):

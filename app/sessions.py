@@ -10,8 +10,8 @@ import onnxruntime as ort
 
 
 def create_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session over ``path`` (external weights load from beside it) using at most
-    ``threads`` intra-op threads (0: onnxruntime's choice, one per core)."""
+    """An onnxruntime CPU session over ``path`` (external weights load from beside it, memory-mapped)
+    using at most ``threads`` intra-op threads (0: onnxruntime's choice, one per core)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -16,9 +16,9 @@ from fastapi import FastAPI
 from onnx import numpy_helper
 from pydantic import BaseModel
 
-from app.manifest import FULL, PARITY_TOLERANCE, Manifest
+from app.manifest import FULL, PARITY_TOLERANCE, Manifest, load_manifest
 from app.sessions import create_session
-from app.store import discover, read_manifest
+from app.store import discover
 from app.text import Vocabulary, get_normaliser
 from training.model import LanguageModel, SentimentClassifier
 
@@ -129,7 +129,7 @@ def create_baseline_app(store: Path) -> FastAPI:
     version), in PyTorch, answering /predict-next, /score and /sentiment one request at a time."""
     manifests = {}
     for version in discover(store):
-        manifest = read_manifest(version)
+        manifest = load_manifest(version.path)
         manifests.setdefault(manifest.task, (version.path, manifest))
         if version.version > manifests[manifest.task][1].version and version.name == manifests[manifest.task][1].name:
             manifests[manifest.task] = (version.path, manifest)

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from app.config import available_cpus
+from app.manifest import load_manifest
 from app.registry import ModelRegistry
 from app.runtime import Step
 from app.scheduler import run_in_length_buckets
-from app.store import discover, read_manifest
+from app.store import discover
 from app.text import Vocabulary
 from bench.load import LoadResult, Workload, drive, time_requests
 from bench.servers import running
@@ -45,7 +46,7 @@ class Options:
 
 def _words(store: Path, task: str) -> tuple[str, ...]:
     for version in discover(store):
-        manifest = read_manifest(version)
+        manifest = load_manifest(version.path)
         if manifest.task == task:
             vocab = Vocabulary.load(version.path / manifest.tokenizer.vocab_file)
             return tuple([t for t in vocab.tokens if PLAIN_WORD.fullmatch(t)][:MAX_WORDS])

@@ -151,7 +151,8 @@ def test_health_endpoints(client):
     assert client.get("/health/live").json() == {"status": "alive"}
     ready = client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "serving": ["tiny-lm@1", "tiny-sentiment@1"], "failed": []}
+    assert ready.json() == {"status": "ready", "serving": ["tiny-lm@1", "tiny-sentiment@1"], "failed": [],
+                            "missing": []}
 
 
 def test_metrics_count_requests_errors_and_inference_time(client):

@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from app.cache import ENTRY_OVERHEAD_BYTES, PrefixState, PrefixStateCache
 from app.main import create_app
 
-MODEL = ("tiny-lm", 1, "float32")
+MODEL = ("tiny-lm", 1, 1, "float32")
 
 
 def state(value: float, vocab: int = 10) -> PrefixState:

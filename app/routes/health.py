@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,17 +23,26 @@ async def live() -> Liveness:
 @router.get(
     "/health/ready",
     summary="Models are verified, self-tested and warm",
-    responses={503: {"model": ErrorResponse, "description": "Still loading, or no model is in service."}},
+    responses={503: {"model": ErrorResponse, "description": "Still loading, or a model has no version in service."}},
 )
 async def ready(registry: Registry) -> Readiness:
-    """200 once every model in the store has been tried and at least one serves; 503 before that."""
+    """200 once the store has been scanned and every model in it has a version in service (with
+    `LSTM_SERVE_READY_REQUIRES_EVERY_MODEL=false`: at least one); 503 before that, and while a model
+    has none, naming it in `missing`."""
     versions = registry.versions()
-    serving = [f"{v.name}@{v.version}" for v in versions if v.state is ModelState.SERVING]
-    failed = [f"{v.name}@{v.version}" for v in versions if v.state is ModelState.FAILED]
+    serving = [v.ref for v in versions if v.state is ModelState.SERVING]
+    failed = [v.ref for v in versions if v.state is ModelState.FAILED]
+    missing = registry.missing()
     if not registry.ready:
-        message = "models are still loading" if not registry.loaded else "no model is in service"
-        raise NotReady(message, {"serving": serving, "failed": failed}, headers={"Retry-After": "2"})
-    return Readiness(serving=serving, failed=failed)
+        if not registry.loaded:
+            message = "models are still loading"
+        elif not versions:
+            message = "the model store holds no model"
+        else:
+            message = f"no version in service for: {', '.join(missing)}"
+        raise NotReady(message, {"serving": serving, "failed": failed, "missing": missing},
+                       headers={"Retry-After": "2"})
+    return Readiness(serving=serving, failed=failed, missing=missing)
 
 
 @router.get(
@@ -46,9 +53,7 @@ async def ready(registry: Registry) -> Readiness:
                                                                                  '{endpoint="/score",method="POST",'
                                                                                  'status="200"} 3.0'}}}},
 )
-async def metrics(registry: Registry, service_metrics: Metrics) -> Response:
+async def metrics(service_metrics: Metrics) -> Response:
     """Requests and errors by endpoint and status, latency histograms, onnxruntime call times per
     model and graph, model versions by state. Text exposition format."""
-    states = Counter(v.state.value for v in registry.versions())
-    body = service_metrics.exposition({state.value: states.get(state.value, 0) for state in ModelState})
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return Response(service_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -29,10 +29,13 @@ from app.text import EOS
 
 
 class JSONBodyRoute(APIRoute):
-    """Checks a body before FastAPI parses it: JSON media type or 415, UTF-8 or 422 ``invalid_json``."""
+    """Checks a body before FastAPI parses it: JSON media type or 415, UTF-8 or 422 ``invalid_json``
+    (FastAPI's own answer would be a bare 400). Routes without a body are left alone."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
 
         async def check_body(request: Request) -> Response:
             media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -23,12 +23,13 @@ def _precisions(entry: ModelVersion) -> list[str] | None:
     return [p for p in PRECISIONS if graph_name(FULL, p) in entry.manifest.graphs]
 
 
-def _version_info(entry: ModelVersion) -> ModelVersionInfo:
+def version_info(entry: ModelVersion) -> ModelVersionInfo:
     manifest = entry.manifest
     return ModelVersionInfo(
         version=entry.version,
         state=entry.state.value,
         reason=entry.reason,
+        files_changed=entry.files_changed,
         task=entry.task,
         created=manifest.created if manifest else None,
         description=manifest.description if manifest else None,
@@ -41,12 +42,13 @@ def _version_info(entry: ModelVersion) -> ModelVersionInfo:
     )
 
 
-def _model_info(registry: ModelRegistry, name: str, versions: list[ModelVersion]) -> ModelInfo:
+def model_info(registry: ModelRegistry, name: str, versions: list[ModelVersion]) -> ModelInfo:
     return ModelInfo(
         name=name,
         task=next((v.task for v in versions if v.task), None),
         default_version=registry.default_version(name),
-        versions=[_version_info(v) for v in versions],
+        pinned_version=registry.pins().get(name),
+        versions=[version_info(v) for v in versions],
     )
 
 
@@ -56,7 +58,7 @@ async def list_models(registry: Registry) -> ModelList:
     architecture, metrics and vocabulary size from the manifest."""
     names = sorted({v.name for v in registry.versions()})
     return ModelList(
-        models=[_model_info(registry, name, [v for v in registry.versions() if v.name == name]) for name in names]
+        models=[model_info(registry, name, [v for v in registry.versions() if v.name == name]) for name in names]
     )
 
 
@@ -68,4 +70,4 @@ async def get_model(
     versions = [v for v in registry.versions() if v.name == name]
     if not versions:
         raise ModelNotFound("there is no such model", {"available": sorted({v.name for v in registry.versions()})})
-    return _model_info(registry, name, versions)
+    return model_info(registry, name, versions)
