@@ -350,3 +350,8 @@ class ErrorResponse(_Response):
     }]})
 
     error: ErrorBody
+
+
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: each one the error envelope, with a description."""
+    return {status: {"model": ErrorResponse, "description": text} for status, text in descriptions.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request
 
@@ -21,7 +21,14 @@ from app.registry import ModelRegistry
 from app.routes.deps import Registry
 from app.routes.inference import JSONBodyRoute
 from app.routes.models import model_info, version_info
-from app.schemas import AdminStatus, ErrorResponse, ModelInfo, ModelVersionInfo, PinRequest, ReconcileResult
+from app.schemas import (
+    AdminStatus,
+    ModelInfo,
+    ModelVersionInfo,
+    PinRequest,
+    ReconcileResult,
+    error_responses,
+)
 
 REALM = 'Bearer realm="lstm-serve admin"'
 
@@ -43,22 +50,19 @@ def get_watcher(request: Request) -> StoreWatcher:
     return request.app.state.watcher
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        401: "No bearer token, or not the admin token (`unauthorized`).",
-        403: "The admin API is off: `LSTM_SERVE_ADMIN_TOKEN` is not set (`admin_disabled`).",
-        415: "A body that is not `application/json` (`unsupported_media_type`).",
-        422: "A body or path that fails the schema (`validation_error`), or is not JSON (`invalid_json`).",
-    }.items()
-}
+ERRORS = error_responses({
+    401: "No bearer token, or not the admin token (`unauthorized`).",
+    403: "The admin API is off: `LSTM_SERVE_ADMIN_TOKEN` is not set (`admin_disabled`).",
+    415: "A body that is not `application/json` (`unsupported_media_type`).",
+    422: "A body or path that fails the schema (`validation_error`), or is not JSON (`invalid_json`).",
+})
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=ERRORS,
                    route_class=JSONBodyRoute)
 ModelName = Annotated[str, Path(description="Model name, e.g. `ptb-lm`.", pattern=f"^{MODEL_NAME_PATTERN}$",
                                 max_length=MODEL_NAME_MAX_CHARS)]
 Version = Annotated[int, Path(description="Version number.", ge=1, le=999_999_999)]
-NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such model or version in the store."}}
+NOT_FOUND = error_responses({404: "No such model or version in the store (`model_not_found`)."})
 
 
 def _model(registry: ModelRegistry, name: str) -> ModelInfo:
@@ -100,7 +104,7 @@ async def unload(registry: Registry, name: ModelName, version: Version) -> Model
 
 
 @router.put("/models/{name}/pin", summary="Pin the default version (rollback)",
-            responses={**NOT_FOUND, 409: {"model": ErrorResponse, "description": "The version is not in service."}})
+            responses={**NOT_FOUND, **error_responses({409: "The version is not in service (`conflict`)."})})
 async def pin(registry: Registry, name: ModelName, body: PinRequest) -> ModelInfo:
     """Requests that name no version get this one while it serves, whatever versions are added."""
     registry.pin(name, body.version)

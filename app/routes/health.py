@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app.errors import NotReady
 from app.registry import ModelState
 from app.routes.deps import Metrics, Registry
-from app.schemas import ErrorResponse, Liveness, Readiness
+from app.schemas import Liveness, Readiness, error_responses
 
 router = APIRouter(tags=["operations"])
 
@@ -23,7 +23,7 @@ async def live() -> Liveness:
 @router.get(
     "/health/ready",
     summary="Models are verified, self-tested and warm",
-    responses={503: {"model": ErrorResponse, "description": "Still loading, or a model has no version in service."}},
+    responses=error_responses({503: "Still loading, or a model has no version in service (`not_ready`)."}),
 )
 async def ready(registry: Registry) -> Readiness:
     """200 once the store has been scanned and every model in it has a version in service (with

@@ -13,7 +13,6 @@ from app.errors import InvalidJSON, UnsupportedMediaType
 from app.routes.deps import Registry, Scheduler
 from app.runtime import Tokenised
 from app.schemas import (
-    ErrorResponse,
     ModelRef,
     NextWord,
     PredictNextResponse,
@@ -24,6 +23,7 @@ from app.schemas import (
     SentimentResult,
     TextScore,
     TokenLogProb,
+    error_responses,
 )
 from app.text import EOS
 
@@ -50,19 +50,16 @@ class JSONBodyRoute(APIRoute):
         return check_body
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        404: "Unknown model or version (`model_not_found`).",
-        413: "Body over the size limit (`body_too_large`).",
-        415: "Body is not `application/json` (`unsupported_media_type`).",
-        422: "Body fails the schema (`validation_error`), is not JSON or not UTF-8 (`invalid_json`), a text has "
-             "too many tokens (`too_many_tokens`) or none (`empty_text`), the model is of another task "
-             "(`wrong_task`) or has no graphs of the precision asked for (`precision_unavailable`).",
-        429: "Too many requests waiting for a model (`overloaded`).",
-        503: "Models still loading (`not_ready`) or the model is out of service (`model_unavailable`).",
-    }.items()
-}
+ERRORS = error_responses({
+    404: "Unknown model or version (`model_not_found`).",
+    413: "Body over the size limit (`body_too_large`).",
+    415: "Body is not `application/json` (`unsupported_media_type`).",
+    422: "Body fails the schema (`validation_error`), is not JSON or not UTF-8 (`invalid_json`), a text has "
+         "too many tokens (`too_many_tokens`) or none (`empty_text`), the model is of another task "
+         "(`wrong_task`) or has no graphs of the precision asked for (`precision_unavailable`).",
+    429: "Too many requests waiting for a model (`overloaded`).",
+    503: "Models still loading (`not_ready`) or the model is out of service (`model_unavailable`).",
+})
 
 
 def _ref(model: Any) -> ModelRef:

@@ -8,7 +8,7 @@ from app.errors import ModelNotFound
 from app.manifest import FULL, PRECISIONS, graph_name
 from app.registry import ModelRegistry, ModelVersion
 from app.routes.deps import Registry
-from app.schemas import ErrorResponse, ModelInfo, ModelList, ModelVersionInfo
+from app.schemas import ModelInfo, ModelList, ModelVersionInfo, error_responses
 
 router = APIRouter(tags=["models"])
 
@@ -62,7 +62,8 @@ async def list_models(registry: Registry) -> ModelList:
     )
 
 
-@router.get("/models/{name}", summary="One model's versions", responses={404: {"model": ErrorResponse}})
+@router.get("/models/{name}", summary="One model's versions",
+            responses=error_responses({404: "No such model (`model_not_found`)."}))
 async def get_model(
     registry: Registry, name: str = Path(description="Model name, e.g. `ptb-lm`.", max_length=64)
 ) -> ModelInfo:
