@@ -1,4 +1,4 @@
-"""``python -m app``: serve with uvicorn, configured by ``LSTM_SERVE_*`` environment variables."""
+"""``python -m app``: serve with uvicorn (see ``app.server``), configured by ``LSTM_SERVE_*`` environment variables."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import copy
 import logging
 import logging.config
 
-import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from app.config import Settings, available_cpus
+from app.metrics import prepare_multiprocess_directory
+from app.server import serve
 
 
 def main() -> None:
@@ -22,16 +23,8 @@ def main() -> None:
             "%d workers x %d onnxruntime threads exceeds the %d CPUs available; expect contention",
             settings.workers, settings.intra_op_threads, available_cpus(),
         )
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        log_config=log_config,
-        server_header=False,
-    )
+    prepare_multiprocess_directory(settings.workers)  # before any worker imports prometheus_client
+    serve(settings, log_config)
 
 
 if __name__ == "__main__":

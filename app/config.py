@@ -51,6 +51,31 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in the container).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     workers: int = Field(1, ge=1, description="uvicorn worker processes; each loads every model.")
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="Request line and headers together, in bytes; a larger head gets 431.",
+    )
+    max_headers: int = Field(100, ge=1, description="Headers per request; more get 431.")
+    read_timeout_seconds: float = Field(
+        5.0, gt=0, le=300,
+        description="A request's head and body must arrive within this many seconds of its first byte (of the "
+        "connection opening, for the first request); a client that stalls gets 408, or is disconnected if it sent "
+        "nothing.",
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, le=300, description="An idle keep-alive connection is closed after this many seconds.",
+    )
+    max_connections: int = Field(
+        1024, ge=1,
+        description="Open connections per worker (lowered to fit the descriptor limit); at the bound the "
+        "connection idle the longest is closed to make room, or the new one when every connection has a request "
+        "in progress.",
+    )
+    shutdown_grace_seconds: float = Field(
+        20.0, gt=0, le=3600,
+        description="On SIGTERM, requests in progress get this long to complete (then 503); with several "
+        "workers, one still running 5 s later is killed. Keep it below the orchestrator's kill timeout "
+        "(Kubernetes: 30 s by default).",
+    )
     intra_op_threads: int = Field(
         0, ge=0,
         description="onnxruntime intra-op threads per worker; 0 = available CPUs (cgroup quota aware) / workers.",
@@ -59,8 +84,15 @@ class Settings(BaseSettings):
     max_text_tokens: int = Field(256, ge=1, description="Tokens per text, after normalisation.")
     max_texts: int = Field(64, ge=1, description="Texts per /score or /sentiment request.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Request body size; larger bodies get 413.")
-    max_waiting_requests: int = Field(
-        64, ge=1, description="Inference requests allowed to wait for a model; more get 429."
+    max_queue_wait_ms: float = Field(
+        500, gt=0, le=60_000,
+        description="Admission bound: a request that would wait longer than this for the inference thread (the "
+        "expected onnxruntime time of the work admitted before it) is refused at once with 429 and Retry-After.",
+    )
+    request_timeout_ms: float = Field(
+        10_000, gt=0, le=600_000,
+        description="Every inference request's deadline unless the client asks for a sooner one with the "
+        "X-Request-Timeout-Ms header; past it the answer is 504 deadline_exceeded and its work is dropped.",
     )
     cache_bytes: int = Field(
         64 << 20, ge=0,
@@ -95,6 +127,20 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for the /admin API (model lifecycle); the admin API is off while unset.",
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated bearer keys accepted by the inference endpoints (/predict-next, /score, "
+        "/sentiment). With this or api_key_hashes_file set, those endpoints answer 401 without one of the keys; "
+        "while both are unset they are open.",
+    )
+    api_key_hashes_file: Path | None = Field(
+        None, description="File of accepted inference keys as SHA-256 hex digests, one per line ('#' starts a "
+        "comment); read at start-up. Adds to api_keys.",
+    )
+    docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json; false: they are 404.")
+    metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics; false: it is 404.")
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token that /metrics requires (401 without it); open while unset.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
 

@@ -29,6 +29,7 @@ HTTP_CODES = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "overloaded",
+    431: "headers_too_large",
     503: "not_ready",
 }
 
@@ -73,6 +74,16 @@ class UnsupportedMediaType(ServiceError):
 
 class Overloaded(ServiceError):
     status, code = 429, "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    status, code = 504, "deadline_exceeded"
+
+
+class ClientClosedRequest(ServiceError):
+    """The client went away before its answer; nobody reads this (nginx's 499, for the metrics)."""
+
+    status, code = 499, "client_closed_request"
 
 
 class Unauthorized(ServiceError):

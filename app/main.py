@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.auth import UNAUTHORIZED, BearerAuth, access_guards, document_guards
 from app.cache import PrefixStateCache
 from app.config import Settings
 from app.errors import install_error_handlers
@@ -18,7 +19,7 @@ from app.middleware import BodySizeLimit, RequestMetrics
 from app.registry import ModelRegistry
 from app.routes import admin, health, models
 from app.routes.docs import install_docs
-from app.routes.inference import inference_router
+from app.routes.inference import INFERENCE_PATHS, LoadShedding, inference_router
 from app.scheduler import Admission, Scheduler
 from app.schemas import Limits, request_schemas
 
@@ -49,9 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.watch_models(registry)
     watcher = StoreWatcher(registry, settings.rescan_seconds)
     scheduler = Scheduler(
-        Admission(settings.max_waiting_requests), cache, batching=settings.batching,
+        Admission(settings.max_queue_wait_ms / 1000, metrics.observe_admitted), cache, batching=settings.batching,
         max_size=settings.batch_max_size, max_wait=settings.batch_max_wait_ms / 1000,
-        default_precision=settings.default_precision,
+        default_precision=settings.default_precision, timeout=settings.request_timeout_ms / 1000,
     )
 
     @asynccontextmanager
@@ -59,11 +60,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("loading models from %s with %d onnxruntime threads", settings.model_store,
                  settings.intra_op_threads)
         watcher.start()
+        metrics.start()
         try:
             yield
         finally:
             await watcher.stop()
             scheduler.close()
+            metrics.stop()
 
     app = FastAPI(
         title="lstm-serve",
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.registry = registry
     app.state.scheduler = scheduler
@@ -81,12 +85,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     limits = Limits(settings.max_text_chars, settings.max_texts, settings.max_text_tokens)
-    app.include_router(inference_router(request_schemas(limits)))
+    inference = inference_router(request_schemas(limits))
+    app.include_router(inference, responses=UNAUTHORIZED)
     app.include_router(models.router)
     app.include_router(health.router)
+    if settings.metrics:
+        app.include_router(health.metrics_router)
     app.include_router(admin.router)
-    install_docs(app)
+    if settings.docs:
+        install_docs(app)
+    guards = access_guards(settings, inference=inference.routes, metrics=health.metrics_router.routes)
+    document_guards(app, guards)
     # The last one added runs first: metrics see every answer, 413s included.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(LoadShedding, admission=scheduler.admission, paths=INFERENCE_PATHS)
+    if guards:  # keys are checked before a body is read, and before load is shed (no 429 without a key)
+        app.add_middleware(BearerAuth, guards=guards)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

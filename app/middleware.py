@@ -10,6 +10,7 @@ from app.errors import error_response
 from app.metrics import ServiceMetrics
 
 UNMATCHED = "<unmatched>"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away before the answer
 
 
 class BodySizeLimit:
@@ -85,17 +86,22 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        # Until the app answers: an app that raises is answered 500 by the error handlers; one that
+        # returns without answering saw the client go (a disconnect, or the server's read timeout).
         status = 500
+        answered = False
         root_path = scope.get("root_path", "")
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
+            if not answered:
+                status = CLIENT_CLOSED_REQUEST
         finally:
             endpoint = getattr(scope.get("route"), "path", None)
             if endpoint is None and scope.get("root_path", "") != root_path:

@@ -2,8 +2,9 @@
 grouping rows into calls, and running them on the inference thread.
 
     route ─► Scheduler.predict_next / score / classify
-               1. admission: `Admission` decides whether the request may wait for a model (429 if not)
-               2. tokenise, and for next words look up the prefix-state cache
+               1. tokenise, and for next words look up the prefix-state cache: this is the work to do
+               2. admission: `Admission` refuses the request (429) when the work queued ahead of it would
+                  keep it waiting longer than the bound; otherwise it waits, at most until its deadline
                3. queue the request's rows (texts, prefix steps) under a key naming the calls they may share
                4. group queued rows, cut texts into calls of similar length (`length_buckets`), and run each
                   call of a runtime row primitive on the inference thread
@@ -12,11 +13,17 @@ grouping rows into calls, and running them on the inference thread.
 This module is the one owner of which rows share an onnxruntime call; ``app.runtime``'s row
 primitives turn the rows they are given into exactly one call.
 
-Step 2 runs on the event loop, in the request's own coroutine, before anything is queued: the
-cache lookup decides the work (how many tokens are new, hence which calls a step may join), a
-text over the token limit is refused before it takes a place in the queue, and both are cheap
-(tokenisation is cached chunk by chunk in ``app.text``; a cache lookup is a few dictionary probes).
-Only onnxruntime calls go to the inference thread.
+Step 1 runs on the event loop, in the request's own coroutine, before anything is queued: the
+cache lookup decides the work (how many tokens are new, hence which calls a step may join and what
+admission charges for it), a text over the token limit is refused before it takes a place in the
+queue, and both are cheap (tokenisation is cached chunk by chunk in ``app.text``; a cache lookup is
+a few dictionary probes). Only onnxruntime calls go to the inference thread.
+
+Deadlines: every request has one (the service's default, or sooner if the client asks). A request
+whose deadline passes while it waits is answered 504 ``deadline_exceeded`` at once and its rows are
+dropped before they reach onnxruntime; so are the rows of a request whose client went away (the
+route cancels it). A call already running is never interrupted: its result for such a request is
+thrown away.
 
 Grouping is the only thing the ``batching`` setting changes. With it on, rows of concurrent
 requests under the same key share a call: a queue is dispatched when it holds ``max_size`` rows,
@@ -30,6 +37,7 @@ int8 result moves slightly with its call's companions."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +47,7 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 from app.cache import PrefixStateCache
-from app.errors import Overloaded
+from app.errors import DeadlineExceeded, Overloaded
 from app.manifest import Precision
 from app.runtime import (
     Classification,
@@ -64,25 +72,71 @@ MIN_ROW_FILL = 0.5
 
 
 class Admission:
-    """Whether a request may wait for a model: at most ``max_waiting`` inference requests are in
-    the service (queued or running) at once; one more gets ``Overloaded`` (429) at once."""
+    """Whether a request may wait for a model, by expected waiting time: the onnxruntime time of
+    the work admitted and not yet finished. A request that would wait longer than ``max_wait``
+    seconds is refused at once with ``Overloaded`` (429) and a ``Retry-After`` for when the queue
+    will have drained below the bound.
 
-    def __init__(self, max_waiting: int):
-        self.max_waiting = max_waiting
-        self.outstanding = 0
+    Work is measured in token positions; what a position costs is learnt per model, kind of call
+    and precision from the calls that ran (an exponential moving average of seconds per position,
+    so batching's savings under load are counted), starting from ``PRIOR_SECONDS_PER_POSITION``."""
+
+    PRIOR_SECONDS_PER_POSITION = 2e-4  # a 10k-word softmax position on one core, rounded up
+    SMOOTHING = 0.5  # a flood must be measured within a few calls: costs under load are several times higher
+
+    def __init__(self, max_wait: float, observe: Callable[[str, float], None] | None = None):
+        self.max_wait = max_wait
+        self._observe = observe or (lambda endpoint, seconds: None)
+        # How long the oldest request still queued has waited (set by the scheduler): when the costs
+        # learnt so far are too low (a flood has just begun), the queue's real age says so at once.
+        self.oldest_queued_age: Callable[[], float] = lambda: 0.0
+        self.queued_seconds = 0.0  # expected onnxruntime time of admitted, unfinished work
+        self.outstanding = 0  # admitted requests not yet answered
+        self._seconds_per_position: dict[Hashable, float] = {}
+
+    def cost(self, kind: Hashable, positions: int) -> float:
+        """Expected onnxruntime seconds for ``positions`` token positions of ``kind`` of call."""
+        return positions * self._seconds_per_position.get(kind, self.PRIOR_SECONDS_PER_POSITION)
+
+    def observe(self, kind: Hashable, positions: int, seconds: float) -> None:
+        """Learn from a call that ran ``positions`` token positions of ``kind`` in ``seconds``."""
+        if positions <= 0:
+            return
+        measured = seconds / positions
+        previous = self._seconds_per_position.get(kind)
+        self._seconds_per_position[kind] = measured if previous is None else (
+            previous + self.SMOOTHING * (measured - previous))
+
+    @property
+    def expected_wait(self) -> float:
+        return max(self.queued_seconds, self.oldest_queued_age())
+
+    def check(self) -> None:
+        """Raise `Overloaded` if a request arriving now would wait longer than the bound."""
+        wait = self.expected_wait
+        if wait > self.max_wait:
+            retry_after = max(1, math.ceil(wait - self.max_wait))
+            raise Overloaded(
+                "the service is at capacity: a request now would wait longer than the bound; retry shortly",
+                {"expected_wait_ms": round(wait * 1000), "max_wait_ms": round(self.max_wait * 1000),
+                 "waiting": self.outstanding},
+                headers={"Retry-After": str(retry_after)},
+            )
 
     @contextmanager
-    def admit(self) -> Iterator[None]:
-        if self.outstanding >= self.max_waiting:
-            raise Overloaded(
-                "too many requests are waiting for a model; retry shortly",
-                {"waiting": self.outstanding, "limit": self.max_waiting}, headers={"Retry-After": "1"},
-            )
+    def admit(self, cost: float, endpoint: str) -> Iterator[None]:
+        """Hold a place for a request whose work is expected to take ``cost`` seconds; the time it
+        then spends in the scheduler (waiting, and its own calls) is reported as ``endpoint``'s."""
+        self.check()
+        self.queued_seconds += cost
         self.outstanding += 1
+        admitted = time.perf_counter()
         try:
             yield
         finally:
             self.outstanding -= 1
+            self.queued_seconds = max(0.0, self.queued_seconds - cost) if self.outstanding else 0.0
+            self._observe(endpoint, time.perf_counter() - admitted)
 
 
 @dataclass
@@ -90,20 +144,23 @@ class _Request(Generic[Row, Result]):
     rows: list[Row]
     future: asyncio.Future[list[Result]]
     arrived: float
+    deadline: float  # event-loop time
 
 
 @dataclass
 class _Queue(Generic[Row, Result]):
     run: Callable[[list[Row]], list[Result]]
     padded: bool  # rows are texts padded to a common length: bucket them by length
+    kind: Hashable  # what the call costs per position is learnt under this name
     requests: list[_Request[Row, Result]] = field(default_factory=list)
     rows: int = 0
     timer: asyncio.TimerHandle | None = None
 
 
 class Scheduler:
-    """What the routes call to run a model. ``max_wait`` is in seconds; ``default_precision``
-    applies to requests that name none."""
+    """What the routes call to run a model. ``max_wait`` (how long rows wait for companions) and
+    ``timeout`` (a request's deadline when it asks for none sooner) are in seconds;
+    ``default_precision`` applies to requests that name none."""
 
     def __init__(
         self,
@@ -114,6 +171,7 @@ class Scheduler:
         max_size: int = 32,
         max_wait: float = 0.001,
         default_precision: Precision = "float32",
+        timeout: float = 10.0,
     ):
         self.admission = admission
         self.cache = cache
@@ -121,65 +179,86 @@ class Scheduler:
         self.max_size = max_size
         self.max_wait = max_wait if batching else 0.0
         self.default_precision = default_precision
+        self.timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=INFERENCE_THREAD_NAME)
         self._queues: dict[Hashable, _Queue[Any, Any]] = {}
         self._running: set[asyncio.Task[None]] = set()  # the group on the inference thread, referenced
         self._busy = False
+        self._last_finished = 0.0  # perf_counter when the inference thread last finished a group
+        admission.oldest_queued_age = self._oldest_queued_age
 
     # -- the requests' steps ----------------------------------------------------------------
 
     async def predict_next(self, model: LanguageModelRuntime, text: str, top_k: int, include_special: bool,
-                           precision: Precision | None) -> tuple[NextWordDistribution, Precision]:
+                           precision: Precision | None, deadline: float | None = None,
+                           ) -> tuple[NextWordDistribution, Precision]:
         """Top-k next words after ``text`` and the precision they were computed at. The prefix runs
         from its longest cached prefix; steps are keyed by their token count, because only
-        equal-length steps can share a call (an LSTM's final state depends on every position)."""
+        equal-length steps can share a call (an LSTM's final state depends on every position).
+        ``deadline`` is in event-loop time (None: the default timeout from now)."""
         chosen = model.precision(precision, self.default_precision)
-        with self.admission.admit(), model.in_use():
-            context = model.tokenise(text)
-            key = model.cache_key(chosen)
-            plan = self.cache.plan(key, model.context_ids(context))
+        deadline = self._deadline(deadline)
+        context = model.tokenise(text)
+        key = model.cache_key(chosen)
+        plan = self.cache.plan(key, model.context_ids(context))
+        kind = (model.ref, "step", chosen)
+        cost = self.admission.cost(kind, len(plan.ids) - plan.cached)
+        with self.admission.admit(cost, "/predict-next"), model.in_use():
             start, state = plan.cached, plan.state
             for end in plan.ends:
                 step = Step(plan.ids[start:end], state)
-                (state,) = await self._run((model.ref, "step", chosen, end - start), [step],
-                                           partial(model.run_steps, chosen), padded=False)
+                (state,) = await self._run((*kind, end - start), kind, [step], partial(model.run_steps, chosen),
+                                           padded=False, deadline=deadline)
                 self.cache.put(key, plan.ids[:end], state)
                 start = end
             assert state is not None
             return model.top_words(context, state.log_probs, top_k, include_special), chosen
 
     async def score(self, model: LanguageModelRuntime, texts: Sequence[str], count_eos: bool,
-                    precision: Precision | None) -> tuple[list[SentenceScore], Precision]:
+                    precision: Precision | None, deadline: float | None = None,
+                    ) -> tuple[list[SentenceScore], Precision]:
         """Each text's tokens scored left to right from ``<eos>`` (the closing ``<eos>`` too with
         ``count_eos``)."""
         chosen = model.precision(precision, self.default_precision)
-        with self.admission.admit(), model.in_use():
-            encoded, targets = model.score_targets(texts, count_eos)
-            scored = await self._run((model.ref, "score", chosen), targets, partial(model.score_rows, chosen),
-                                     padded=True)
+        deadline = self._deadline(deadline)
+        encoded, targets = model.score_targets(texts, count_eos)
+        kind = (model.ref, "score", chosen)
+        cost = self.admission.cost(kind, sum(map(len, targets)))
+        with self.admission.admit(cost, "/score"), model.in_use():
+            scored = await self._run(kind, kind, targets, partial(model.score_rows, chosen), padded=True,
+                                     deadline=deadline)
             return [model.sentence_score(*row) for row in zip(encoded, targets, scored, strict=True)], chosen
 
-    async def classify(self, model: SentimentRuntime, texts: Sequence[str],
-                       precision: Precision | None) -> tuple[list[Classification], Precision]:
+    async def classify(self, model: SentimentRuntime, texts: Sequence[str], precision: Precision | None,
+                       deadline: float | None = None) -> tuple[list[Classification], Precision]:
         """The label and per-label probabilities of each text; a text with no tokens is refused."""
         chosen = model.precision(precision, self.default_precision)
-        with self.admission.admit(), model.in_use():
-            encoded = model.encode(texts)
-            probabilities = await self._run((model.ref, "classify", chosen), [t.ids for t in encoded],
-                                            partial(model.classify_rows, chosen), padded=True)
+        deadline = self._deadline(deadline)
+        encoded = model.encode(texts)
+        rows = [t.ids for t in encoded]
+        kind = (model.ref, "classify", chosen)
+        cost = self.admission.cost(kind, sum(map(len, rows)))
+        with self.admission.admit(cost, "/sentiment"), model.in_use():
+            probabilities = await self._run(kind, kind, rows, partial(model.classify_rows, chosen), padded=True,
+                                            deadline=deadline)
             return [model.classification(t, p) for t, p in zip(encoded, probabilities, strict=True)], chosen
+
+    def _deadline(self, deadline: float | None) -> float:
+        default = asyncio.get_running_loop().time() + self.timeout
+        return default if deadline is None else min(deadline, default)
 
     # -- queueing, grouping, running --------------------------------------------------------
 
-    async def _run(self, key: Hashable, rows: Sequence[Row], run: Callable[[list[Row]], list[Result]],
-                   padded: bool) -> list[Result]:
+    async def _run(self, key: Hashable, kind: Hashable, rows: Sequence[Row], run: Callable[[list[Row]], list[Result]],
+                   padded: bool, deadline: float) -> list[Result]:
         """``run(rows)`` for this request's ``rows`` on the inference thread, grouped with rows of
         other requests under the same ``key`` when batching (``run`` must then be the same
         function for the key). A group goes to the inference thread whole; with ``padded`` its
-        rows (token-id lists) are cut into calls of similar length (`length_buckets`)."""
+        rows (token-id lists) are cut into calls of similar length (`length_buckets`). Raises
+        `DeadlineExceeded` at ``deadline`` (event-loop time)."""
         loop = asyncio.get_running_loop()
-        queue = self._queues.setdefault(key, _Queue(run, padded))
-        request: _Request[Row, Result] = _Request(list(rows), loop.create_future(), time.perf_counter())
+        queue = self._queues.setdefault(key, _Queue(run, padded, kind))
+        request: _Request[Row, Result] = _Request(list(rows), loop.create_future(), time.perf_counter(), deadline)
         queue.requests.append(request)
         queue.rows += len(request.rows)
         if not self._busy:
@@ -187,7 +266,21 @@ class Scheduler:
                 self._dispatch(key)
             elif queue.timer is None:
                 queue.timer = loop.call_later(self.max_wait, self._on_timer, key)
-        return await request.future
+        try:
+            # On timeout or cancellation (the client went away) the future is cancelled, so a
+            # group not yet dispatched leaves this request's rows out.
+            return await asyncio.wait_for(request.future, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the request's deadline passed before its answer was ready",
+                {"waited_ms": round((time.perf_counter() - request.arrived) * 1000)},
+            ) from None
+
+    def _oldest_queued_age(self) -> float:
+        """Seconds the oldest request waiting in a queue (not yet on the inference thread) has waited."""
+        if not self._queues:
+            return 0.0
+        return time.perf_counter() - min(queue.requests[0].arrived for queue in self._queues.values())
 
     def _on_timer(self, key: Hashable) -> None:
         queue = self._queues.get(key)
@@ -197,7 +290,7 @@ class Scheduler:
         if not self._busy and queue.requests:
             self._dispatch(key)
 
-    def _dispatch(self, key: Hashable) -> None:
+    def _dispatch(self, key: Hashable, back_to_back: bool = False) -> None:
         """Take the group at the head of ``key``'s queue to the inference thread."""
         queue = self._queues[key]
         if queue.timer is not None:
@@ -205,23 +298,38 @@ class Scheduler:
             queue.timer = None
         taken: list[_Request[Any, Any]] = []
         size = 0
+        now = asyncio.get_running_loop().time()
         while queue.requests and (not taken or (self.batching and size + len(queue.requests[0].rows) <= self.max_size)):
             request = queue.requests.pop(0)
+            queue.rows -= len(request.rows)
+            if request.future.done() or request.deadline <= now:  # withdrawn, timed out, or about to be
+                continue
             taken.append(request)
             size += len(request.rows)
-        queue.rows -= size
         if not queue.requests:
             del self._queues[key]
+        if not taken:
+            self._dispatch_oldest(back_to_back)
+            return
         self._busy = True
-        task = asyncio.get_running_loop().create_task(self._execute(queue, taken))
+        task = asyncio.get_running_loop().create_task(self._execute(queue, taken, back_to_back))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _execute(self, queue: _Queue[Any, Any], taken: list[_Request[Any, Any]]) -> None:
+    async def _execute(self, queue: _Queue[Any, Any], taken: list[_Request[Any, Any]], back_to_back: bool) -> None:
         rows = [row for request in taken for row in request.rows]
         call = partial(run_in_length_buckets, queue.run) if queue.padded else queue.run
         try:
+            started = time.perf_counter()
             results = await asyncio.get_running_loop().run_in_executor(self._executor, call, rows)
+            # Under load (this group was waiting when the one before it finished) a group costs the
+            # time since that one finished: what keeps the next group waiting besides onnxruntime (the
+            # event loop answering the last group and refusing others, the GIL) counts too, so the
+            # expected wait is the wait a request will see.
+            finished = time.perf_counter()
+            cycle = finished - (self._last_finished if back_to_back else started)
+            self._last_finished = finished
+            self.admission.observe(queue.kind, sum(_positions(row) for row in rows), cycle)
         except Exception as e:  # every request of the group gets the failure
             for request in taken:
                 if not request.future.done():
@@ -234,19 +342,24 @@ class Scheduler:
                 start += len(request.rows)
         finally:
             self._busy = False
-            self._dispatch_oldest()
+            self._dispatch_oldest(back_to_back=True)
 
-    def _dispatch_oldest(self) -> None:
+    def _dispatch_oldest(self, back_to_back: bool) -> None:
         """The inference thread is free: send the queue whose oldest request has waited longest."""
         if self._queues:
             key = min(self._queues, key=lambda k: self._queues[k].requests[0].arrived)
-            self._dispatch(key)
+            self._dispatch(key, back_to_back)
 
     def close(self) -> None:
         """Stop taking work: pending groups are cancelled, the inference thread ends after its call."""
         for task in self._running:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _positions(row: Any) -> int:
+    """Token positions a row makes onnxruntime compute: a text's ids, or a next-word step's tokens."""
+    return len(row.tokens) if isinstance(row, Step) else len(row)
 
 
 def length_buckets(sizes: Sequence[int], budget: int = BATCH_TOKEN_BUDGET) -> Iterator[list[int]]:

@@ -4,15 +4,18 @@ compare it with the naive PyTorch baseline and the in-process floor, and save JS
 
     python -m bench                              # model_store/, 10 s per measurement
     python -m bench --store /path/to/store --seconds 5 --client python
+    python -m bench --faults                     # overload: /score at 256 clients (bench/faults.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from app.config import available_cpus
+from bench.faults import run_overload, table
 from bench.report import save, summary, targets
 from bench.run import Options, run_benchmark
 
@@ -20,7 +23,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVING_PYTHON = Path(__file__).resolve().parent.parent / ".venv-serve" / "bin" / "python"
 
 
-def parse(argv: list[str] | None = None) -> tuple[Options, Path]:
+def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=Path("model_store"), help="model store (default: model_store)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load measurement")
@@ -33,17 +36,30 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path]:
     parser.add_argument("--threads", type=int, default=available_cpus(),
                         help="onnxruntime / torch intra-op threads (default: available CPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    parser.add_argument("--faults", action="store_true",
+                        help="instead of the speed benchmark, the overload run of bench/faults.py (prints a table)")
+    parser.add_argument("--overload-clients", type=int, default=256, help="clients of the --faults overload run")
     parser.add_argument("--service-python", default=str(SERVING_PYTHON) if SERVING_PYTHON.exists() else sys.executable,
                         help="interpreter that runs the service (default: the serving install made by `make serve`, "
                         ".venv-serve, where it exists, so RSS is the deployed figure; else this interpreter)")
     args = parser.parse_args(argv)
     options = Options(args.store.resolve(), args.seconds, tuple(args.concurrency), tuple(args.prefix_lengths),
                       args.prefix_repeats, args.client, args.threads, args.service_python)
-    return options, args.out
+    return options, args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    options, out = parse(argv)
+    options, args = parse(argv)
+    out = args.out
+    if args.faults:
+        results = run_overload(options.store, options.seconds, args.overload_clients, options.service_python,
+                               options.threads)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"faults-{results['started']}.json"
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(table(results))
+        print(f"\nsaved {path}")
+        return results
     results = run_benchmark(options)
     results["targets"] = targets(results)
     json_path, png_path = save(results, out)

@@ -11,8 +11,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ class Workload:
 
 @dataclass(frozen=True)
 class LoadResult:
-    """``requests_per_s`` counts successful answers; latencies are in milliseconds."""
+    """``requests_per_s`` counts successful answers; latencies (of successful answers) are in
+    milliseconds; ``statuses`` counts answers by status code (Python client only)."""
 
     requests: int
     errors: int
@@ -47,6 +49,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     client: str
+    statuses: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +59,7 @@ def drive(base_url: str, workload: Workload, concurrency: int, seconds: float, c
     """Send ``workload`` to ``base_url`` from ``concurrency`` connections for ``seconds``."""
     if client == "wrk" or (client == "auto" and shutil.which("wrk")):
         return _wrk(base_url, workload, concurrency, seconds)
-    return asyncio.run(_python_client(base_url, workload.path, workload.body, concurrency, seconds))
+    return asyncio.run(python_load(base_url, workload.path, workload.body, concurrency, seconds))
 
 
 def time_requests(base_url: str, path: str, bodies: list[bytes], warm_up: list[bytes | None]) -> list[float]:
@@ -106,24 +109,30 @@ class _Connection:
         self.writer.close()
 
 
-async def _python_client(base_url: str, path: str, body: Callable[[random.Random], bytes], concurrency: int,
-                         seconds: float) -> LoadResult:
+async def python_load(base_url: str, path: str, body: Callable[[random.Random], bytes], concurrency: int,
+                      seconds: float) -> LoadResult:
+    """``concurrency`` keep-alive connections sending ``body(rng)`` to ``path`` for ``seconds``; a
+    connection that was refused or reset is counted under its exception's name in ``statuses``."""
     latencies: list[float] = []
-    errors = 0
+    statuses: Counter[str] = Counter()
     deadline = time.perf_counter() + seconds
 
     async def worker(seed: int) -> None:
-        nonlocal errors
         rng = random.Random(seed)
-        connection = await _Connection.open(base_url)
+        try:
+            connection = await _Connection.open(base_url)
+        except OSError as e:
+            statuses[type(e).__name__] += 1
+            return
         try:
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 status = await connection.post(path, body(rng))
+                statuses[str(status)] += 1
                 if status == 200:
                     latencies.append((time.perf_counter() - started) * 1000)
-                else:
-                    errors += 1
+        except (OSError, asyncio.IncompleteReadError) as e:
+            statuses[type(e).__name__] += 1
         finally:
             connection.close()
 
@@ -131,7 +140,8 @@ async def _python_client(base_url: str, path: str, body: Callable[[random.Random
     await asyncio.gather(*(worker(seed) for seed in range(concurrency)))
     elapsed = time.perf_counter() - started
     p50, p99 = np.percentile(latencies, [50, 99]).tolist() if latencies else (float("nan"), float("nan"))
-    return LoadResult(len(latencies), errors, elapsed, len(latencies) / elapsed, p50, p99, "python")
+    errors = sum(statuses.values()) - len(latencies)
+    return LoadResult(len(latencies), errors, elapsed, len(latencies) / elapsed, p50, p99, "python", dict(statuses))
 
 
 LUA = """

@@ -141,7 +141,7 @@ def run_benchmark(options: Options) -> dict:
     """Every measurement, as a JSON-ready dict (see ``bench.report`` for the targets)."""
     mixes = workloads(options.store)
     env = {"LSTM_SERVE_INTRA_OP_THREADS": str(options.threads), "LSTM_SERVE_MAX_TEXT_CHARS": "8000",
-           "BENCH_THREADS": str(options.threads), "LSTM_SERVE_MAX_WAITING_REQUESTS": "256"}
+           "BENCH_THREADS": str(options.threads)}
     results: dict = {
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": available_cpus(), "platform": platform.platform(), "python": platform.python_version()},

@@ -122,3 +122,9 @@ def test_many_bad_items_give_a_bounded_answer(client):
     error = assert_envelope(response, 422, "validation_error")
     assert error["details"]["total"] == DEFAULTS.max_texts
     assert len(error["details"]["errors"]) == 20
+
+
+def test_deeply_nested_json_is_invalid_json_not_a_bare_400(client):
+    nested = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = client.post("/score", content=nested, headers={"content-type": "application/json"})
+    assert_envelope(response, 422, "invalid_json")

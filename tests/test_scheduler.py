@@ -4,15 +4,18 @@ would have got alone."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from conftest import post, scheduled, tiny_settings, wait_until_ready
 from starlette.testclient import TestClient
 
-from app.errors import Overloaded
+from app.cache import PrefixStateCache
+from app.errors import ClientClosedRequest, Overloaded
 from app.main import create_app
-from app.scheduler import INFERENCE_THREAD_NAME, Admission, length_buckets
+from app.routes.inference import unless_disconnected
+from app.scheduler import INFERENCE_THREAD_NAME, Admission, Scheduler, length_buckets
 
 SENTENCES = ["the stock fell", "mr. smith is chairman of the company", "", "shares fell N $",
              "the company said it expects new shares in the market this year", "said"]
@@ -92,22 +95,102 @@ def test_a_lone_request_does_not_wait_and_runs_on_the_inference_thread(models):
     assert [thread for _, _, thread in models.calls] == [f"{INFERENCE_THREAD_NAME}_0"]
 
 
-def test_admission_refuses_a_request_over_the_limit_with_429():
-    admission = Admission(max_waiting=2)
-    with admission.admit(), admission.admit():
+def test_admission_refuses_by_expected_wait_with_a_retry_after_from_the_queue():
+    admission = Admission(max_wait=1.0)
+    # The second waits an expected 0.6 s: admitted.
+    with admission.admit(0.6, "/score"), admission.admit(0.6, "/score"):
         with pytest.raises(Overloaded) as refused:
-            with admission.admit():
+            with admission.admit(0.1, "/score"):  # would wait 1.2 s
                 pass
         assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
-    with admission.admit():
-        assert admission.outstanding == 1
+        assert refused.value.details["expected_wait_ms"] == 1200
+    with admission.admit(3.5, "/score"), pytest.raises(Overloaded) as refused:
+        with admission.admit(0.1, "/score"):
+            pass
+    assert refused.value.headers == {"Retry-After": "3"}  # 3.5 s queued: 2.5 s over the bound
+    with admission.admit(0.1, "/score"):
+        assert admission.outstanding == 1 and admission.expected_wait == pytest.approx(0.1)
 
 
-def test_requests_over_the_waiting_limit_are_refused_while_the_others_are_answered(models):
+def test_admission_learns_what_a_token_position_costs():
+    admission = Admission(max_wait=1.0)
+    assert admission.cost("score", 10) == pytest.approx(10 * Admission.PRIOR_SECONDS_PER_POSITION)
+    admission.observe("score", 100, 0.01)
+    assert admission.cost("score", 50) == pytest.approx(0.005)
+    admission.observe("score", 100, 0.02)
+    assert admission.cost("score", 50) == pytest.approx(0.005 + Admission.SMOOTHING * 0.005)
+    admission.oldest_queued_age = lambda: 2.0  # a queue older than the costs say: believed
+    assert admission.expected_wait == 2.0
+    with pytest.raises(Overloaded):
+        admission.check()
+    assert admission.cost("classify", 1) == pytest.approx(Admission.PRIOR_SECONDS_PER_POSITION)
+
+
+def test_requests_over_the_waiting_bound_are_refused_while_the_others_are_answered(models):
     lm = models.registry.language_model("tiny-lm")
-    answers = scheduled(lambda s: [s.score(lm, ["the stock fell"], True, None) for _ in range(3)], max_waiting=2)
+    # Each request is 4 positions ("the stock fell" and <eos>) at the prior cost: the third would wait
+    # for the first two, over a 1 ms bound.
+    bound = 5 * Admission.PRIOR_SECONDS_PER_POSITION
+    answers = scheduled(lambda s: [s.score(lm, ["the stock fell"], True, None) for _ in range(3)],
+                        max_queue_wait=bound)
     assert [type(a).__name__ for a in answers] == ["tuple", "tuple", "Overloaded"]
     assert sum(models.rows()) == 2
+
+
+def slow(function, seconds: float, ran: list):
+    """``function`` made slow, recording the rows of every call."""
+
+    def run(precision, rows):
+        ran.append(len(rows))
+        time.sleep(seconds)
+        return function(precision, rows)
+
+    return run
+
+
+def test_work_past_its_deadline_is_answered_504_and_never_run(models, monkeypatch):
+    lm = models.registry.language_model("tiny-lm")
+    ran: list[int] = []
+    monkeypatch.setattr(lm, "score_rows", slow(lm.score_rows, 0.3, ran))
+    started = time.perf_counter()
+    answers = scheduled(lambda s: [s.score(lm, [text], True, None) for text in SENTENCES[:3]], timeout=0.1,
+                        batching=False)
+    assert time.perf_counter() - started < 0.6  # answered at the deadline, not after the slow call
+    assert [type(a).__name__ for a in answers] == ["DeadlineExceeded"] * 3
+    assert answers[0].status == 504 and answers[0].code == "deadline_exceeded"
+    assert ran == [1]  # the first was running; the two queued behind it were dropped
+
+
+def test_a_request_cancelled_while_queued_never_reaches_onnxruntime(models, monkeypatch):
+    lm = models.registry.language_model("tiny-lm")
+    ran: list[int] = []
+    monkeypatch.setattr(lm, "score_rows", slow(lm.score_rows, 0.2, ran))
+
+    async def main():
+        scheduler = Scheduler(Admission(60.0), PrefixStateCache(0), batching=False)
+        try:
+            first = asyncio.ensure_future(scheduler.score(lm, ["the stock fell"], True, None))
+            gone = asyncio.ensure_future(scheduler.score(lm, ["shares fell", "said"], True, None))
+            await asyncio.sleep(0.05)
+            gone.cancel()  # what the route does when the client disconnects
+            await first
+            await asyncio.sleep(0.05)
+            return scheduler.admission.outstanding
+        finally:
+            scheduler.close()
+
+    assert asyncio.run(main()) == 0
+    assert ran == [1]
+
+
+def test_a_client_deadline_header_is_honoured_and_validated(client):
+    late = client.post("/score", json={"text": "the stock fell"}, headers={"X-Request-Timeout-Ms": "0.001"})
+    assert (late.status_code, late.json()["error"]["code"]) == (504, "deadline_exceeded")
+    for bad in ("soon", "0", "-5", "1e9"):
+        refused = client.post("/score", json={"text": "the"}, headers={"X-Request-Timeout-Ms": bad})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (422, "validation_error"), bad
+    ok = client.post("/score", json={"text": "the"}, headers={"X-Request-Timeout-Ms": "5000"})
+    assert ok.status_code == 200
 
 
 def test_a_failing_group_fails_each_of_its_requests(models, monkeypatch):
@@ -139,3 +222,56 @@ def test_batch_sizes_observed_are_in_metrics(tiny_store, batching):
     # Exactly one more call, and it held both texts: the 2-row bucket grew, the 1-row one did not.
     assert _batch_rows_bucket(after, "1.0") == _batch_rows_bucket(before, "1.0")
     assert _batch_rows_bucket(after, "2.0") == _batch_rows_bucket(before, "2.0") + 1
+
+
+def test_work_is_cancelled_when_the_client_goes_away():
+    class GoneClient:  # what the ASGI server tells a handler once the connection is closed
+        async def receive(self):
+            await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+    async def main():
+        work = asyncio.ensure_future(asyncio.sleep(5, result="answer"))
+        with pytest.raises(ClientClosedRequest):
+            await unless_disconnected(GoneClient(), work)
+        return work
+
+    assert asyncio.run(main()).cancelled()
+
+
+def test_under_overload_admitted_requests_wait_at_most_the_bound_and_the_rest_get_429(models, monkeypatch):
+    """Closed-loop clients, three times as many as fit in the bound, against a model whose calls take
+    10 ms: admitted requests (after the first calls, which teach admission the cost) wait about the
+    bound plus one service time; the others are refused at once; the model stays busy."""
+    lm = models.registry.language_model("tiny-lm")
+    monkeypatch.setattr(lm, "score_rows", slow(lm.score_rows, 0.01, []))
+    bound, clients, seconds = 0.1, 30, 2.0
+    outcomes: list[tuple[float, float, str]] = []  # (started, seconds, outcome)
+
+    async def client(scheduler, began):
+        while (started := time.perf_counter()) - began < seconds:
+            try:
+                await scheduler.score(lm, ["the stock fell"], True, None)
+                outcomes.append((started - began, time.perf_counter() - started, "200"))
+            except Overloaded:
+                outcomes.append((started - began, time.perf_counter() - started, "429"))
+                await asyncio.sleep(0.005)  # a client that retries at once, but not in a busy loop
+
+    async def main():
+        scheduler = Scheduler(Admission(bound), PrefixStateCache(0), batching=False)
+        try:
+            began = time.perf_counter()
+            await asyncio.gather(*(client(scheduler, began) for _ in range(clients)))
+        finally:
+            scheduler.close()
+
+    asyncio.run(main())
+    settled = [o for o in outcomes if o[0] > 0.3]
+    accepted = sorted(latency for _, latency, outcome in settled if outcome == "200")
+    refused = [latency for _, latency, outcome in settled if outcome == "429"]
+    assert accepted and refused
+    # Without admission they would wait for all 30 clients' calls (300 ms). The slack of a few service
+    # times is the error of the learnt costs (thread hops, timer jitter on a busy CI machine).
+    assert accepted[int(0.99 * (len(accepted) - 1))] <= bound + 5 * 0.01
+    assert max(refused) < 0.005  # at once
+    assert len(accepted) / (seconds - 0.3) >= 0.7 / 0.01  # the model stays busy: >= 70% of 100 calls/s

@@ -1,17 +1,23 @@
-"""POST /predict-next, /score and /sentiment."""
+"""POST /predict-next, /score and /sentiment: validate, resolve the model, hand the work to the
+scheduler with the request's deadline, and answer — unless the client has gone away, in which case
+the work is cancelled (its rows never reach onnxruntime) and nobody is answered."""
 
 # No `from __future__ import annotations`: the request classes are built per app (they carry the
 # configured limits), and FastAPI must see them as real objects in the signatures below.
 
+import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import InvalidJSON, UnsupportedMediaType
+from app.errors import ClientClosedRequest, InvalidJSON, Overloaded, UnsupportedMediaType, error_response
 from app.routes.deps import Registry, Scheduler
 from app.runtime import Tokenised
+from app.scheduler import Admission
 from app.schemas import (
     ModelRef,
     NextWord,
@@ -45,9 +51,40 @@ class JSONBodyRoute(APIRoute):
                 (await request.body()).decode("utf-8")
             except UnicodeDecodeError:
                 raise InvalidJSON("the request body is not UTF-8") from None
-            return await handler(request)
+            try:
+                return await handler(request)
+            except HTTPException as e:
+                # FastAPI's answer when the JSON parser itself fails (a RecursionError on deeply nested
+                # arrays): still a body that is not JSON we can read.
+                if e.status_code == 400:
+                    raise InvalidJSON("the request body is not valid JSON (nested too deeply)") from None
+                raise
 
         return check_body
+
+
+class LoadShedding:
+    """Pure ASGI middleware: while the inference queue is over the admission bound, a request to an
+    inference endpoint is refused (429, in the envelope) before its body is read, parsed or
+    tokenised. Under a flood of clients that retry at once, refusals are most of the traffic, and
+    they take event-loop time from the requests that were admitted: here they cost next to nothing."""
+
+    def __init__(self, app: ASGIApp, admission: Admission, paths: frozenset[str]):
+        self.app = app
+        self.admission = admission
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            try:
+                self.admission.check()
+            except Overloaded as e:
+                await error_response(e.status, e.code, e.message, e.details, e.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+INFERENCE_PATHS = frozenset({"/predict-next", "/score", "/sentiment"})
 
 
 ERRORS = error_responses({
@@ -57,9 +94,53 @@ ERRORS = error_responses({
     422: "Body fails the schema (`validation_error`), is not JSON or not UTF-8 (`invalid_json`), a text has "
          "too many tokens (`too_many_tokens`) or none (`empty_text`), the model is of another task "
          "(`wrong_task`) or has no graphs of the precision asked for (`precision_unavailable`).",
-    429: "Too many requests waiting for a model (`overloaded`).",
+    429: "The service is at capacity: the request would wait longer than the admission bound (`overloaded`, "
+         "with `Retry-After` in seconds).",
+    504: "The request's deadline (the service's timeout, or `X-Request-Timeout-Ms`) passed before its answer "
+         "(`deadline_exceeded`).",
     503: "Models still loading (`not_ready`) or the model is out of service (`model_unavailable`).",
 })
+
+
+T = TypeVar("T")
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+MAX_TIMEOUT_MS = 600_000
+
+
+async def request_deadline(
+    timeout_ms: Annotated[float | None, Header(
+        alias=TIMEOUT_HEADER, gt=0, le=MAX_TIMEOUT_MS,
+        description="Answer within this many milliseconds or not at all (504 `deadline_exceeded`); the "
+        "service's own timeout applies when this is longer or absent.",
+    )] = None,
+) -> float | None:
+    """The request's deadline in event-loop time, when the client set one."""
+    return None if timeout_ms is None else asyncio.get_running_loop().time() + timeout_ms / 1000
+
+
+Deadline = Annotated[float | None, Depends(request_deadline)]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result, or, if the client goes away first, ``work`` cancelled (a request still
+    queued leaves the queue before its rows reach onnxruntime) and `ClientClosedRequest`."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise ClientClosedRequest("the client closed the connection before its answer was ready")
+    return task.result()
 
 
 def _ref(model: Any) -> ModelRef:
@@ -78,14 +159,14 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
     router = APIRouter(tags=["inference"], route_class=JSONBodyRoute, responses=ERRORS)
 
     @router.post("/predict-next", summary="Most probable next words after a prefix")
-    async def predict_next(body: requests.predict_next, registry: Registry,
-                           scheduler: Scheduler) -> PredictNextResponse:
+    async def predict_next(body: requests.predict_next, registry: Registry, scheduler: Scheduler,
+                           request: Request, deadline: Deadline) -> PredictNextResponse:
         """Top-k next words after the prefix, from the language model's distribution at the last
         position (natural-log probabilities). Special tokens are left out unless `include_special`.
         A prefix that extends one seen before runs only its new words."""
         model = registry.language_model(body.model)
-        result, precision = await scheduler.predict_next(model, body.text, body.top_k, body.include_special,
-                                                         body.precision)
+        result, precision = await unless_disconnected(request, scheduler.predict_next(
+            model, body.text, body.top_k, body.include_special, body.precision, deadline))
         return PredictNextResponse(
             model=_ref(model),
             precision=precision,
@@ -94,12 +175,14 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
         )
 
     @router.post("/score", summary="Log-probability and perplexity of texts")
-    async def score(body: requests.score, registry: Registry, scheduler: Scheduler) -> ScoreResponse:
+    async def score(body: requests.score, registry: Registry, scheduler: Scheduler, request: Request,
+                    deadline: Deadline) -> ScoreResponse:
         """Per-token natural-log probabilities of each text given its left context (starting from
         `<eos>`), their total, the token count and perplexity. With `rank`, also the texts ordered
         by total log-probability, for rescoring an n-best list."""
         model = registry.language_model(body.model)
-        scores, precision = await scheduler.score(model, _texts(body), body.count_eos, body.precision)
+        scores, precision = await unless_disconnected(request, scheduler.score(
+            model, _texts(body), body.count_eos, body.precision, deadline))
         results = [
             TextScore(
                 index=index, **_tokens(s.text),
@@ -118,10 +201,12 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
         )
 
     @router.post("/sentiment", summary="Sentiment label and per-label probabilities")
-    async def sentiment(body: requests.sentiment, registry: Registry, scheduler: Scheduler) -> SentimentResponse:
+    async def sentiment(body: requests.sentiment, registry: Registry, scheduler: Scheduler, request: Request,
+                        deadline: Deadline) -> SentimentResponse:
         """The most probable label of each text and the probability of every label."""
         model = registry.sentiment_model(body.model)
-        classifications, precision = await scheduler.classify(model, _texts(body), body.precision)
+        classifications, precision = await unless_disconnected(request, scheduler.classify(
+            model, _texts(body), body.precision, deadline))
         return SentimentResponse(
             model=_ref(model),
             precision=precision,
