@@ -59,6 +59,9 @@ from app.errors import error_response
 
 log = logging.getLogger(__name__)
 
+# Longest a connection's next request waits to be read after a 429 with Retry-After.
+MAX_RETRY_HOLD = 1.0
+
 # Key of the ASGI lifespan state (shallow-copied into every request's scope["state"]) under which the
 # server keeps its Shutdown; readiness reads it.
 SHUTDOWN = "shutdown"
@@ -124,6 +127,7 @@ class _RequestParser(h11.Connection):
         self.limits = limits
         self.error: h11.RemoteProtocolError | None = None
         self.closing = False
+        self.retry_after: float | None = None  # seconds, from the last response when it was a 429
 
     def next_event(self) -> Any:
         try:
@@ -148,6 +152,8 @@ class _RequestParser(h11.Connection):
             raise RejectedRequest("a request may not carry both Content-Length and Transfer-Encoding", 400)
 
     def send(self, event: Any) -> bytes | None:
+        if isinstance(event, h11.Response):
+            self.retry_after = _retry_after(event) if event.status_code == 429 else None
         if self.closing and isinstance(event, h11.Response):
             event = h11.Response(status_code=event.status_code, reason=event.reason, http_version=event.http_version,
                                  headers=[*event.headers, (b"connection", b"close")])
@@ -171,6 +177,7 @@ class Protocol(H11Protocol):
         self.idle_since = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
         self._linger_budget: int | None = None  # bytes still dropped before closing; None: not lingering
+        self._held: asyncio.TimerHandle | None = None  # reading held back after a 429 (on_response_complete)
 
     # -- connection bound ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -210,6 +217,23 @@ class Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self.idle_since = time.monotonic()
+        hold = self.conn.retry_after
+        if hold and not self.transport.is_closing():
+            # A 429 told the client to retry after `hold` seconds: its connection's next request is
+            # read then (at most MAX_RETRY_HOLD later), not at once. The refusal itself went out at once;
+            # what is held back is a client retrying in a loop, whose refusals would otherwise take the
+            # event loop from the requests that were admitted.
+            self.conn.retry_after = None
+            self.transport.pause_reading()
+            self._held = self.loop.call_later(min(hold, MAX_RETRY_HOLD), self._release)
+            return
+        super().on_response_complete()
+
+    def _release(self) -> None:
+        self._held = None
+        if self.transport.is_closing():
+            return
+        self.transport.resume_reading()
         super().on_response_complete()
 
     def _read_timed_out(self) -> None:
@@ -233,6 +257,9 @@ class Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_timer()
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         super().connection_lost(exc)
 
     # -- protocol errors in the envelope ------------------------------------------------------------
@@ -301,6 +328,16 @@ def answer_when_cancelled(app: ASGIApp) -> ASGIApp:
             await response(scope, receive, send)
 
     return guarded
+
+
+def _retry_after(response: h11.Response) -> float | None:
+    for name, value in response.headers:
+        if name == b"retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
 
 
 def too_large(limit: int) -> RejectedRequest:

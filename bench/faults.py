@@ -2,9 +2,11 @@
 
 `/score` with 8 sentences per request (10-30 random vocabulary words each): the service time at one
 connection, the throughput at the concurrency that saturates it, then ten times that many clients
-(256 by default): only 200 and 429 may come back, accepted requests must wait no longer than the
-admission bound plus one service time (their p99), and the 200s per second must stay near the
-saturated throughput (>= 80%)."""
+(256 by default) that retry at once when refused: only 200 and 429 may come back, admitted requests
+must spend no longer than the admission bound plus one service time in the service (p99 of
+``lstm_serve_admitted_request_seconds``), and the 200s per second must stay near the saturated
+throughput (>= 80%). The client-side latencies are reported too; they include the time a retrying
+client's next request waits to be read after a 429 (``Retry-After``, at most a second)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import json
 import random
 from pathlib import Path
 
+import httpx
+
 from app.config import Settings
+from app.metrics import ADMITTED_BUCKETS
 from bench.load import LoadResult, python_load
 from bench.run import workloads
 from bench.servers import running
@@ -42,7 +47,9 @@ def run_overload(store: Path, seconds: float, clients: int, service_python: str,
     with running("app", store, env, python=service_python) as server:
         alone = load(server.base_url, 1)
         saturation = {c: load(server.base_url, c) for c in SATURATION_CONCURRENCY}
+        before = httpx.get(f"{server.base_url}/metrics").text
         overload = load(server.base_url, clients)
+        admitted_p99_s = admitted_p99(before, httpx.get(f"{server.base_url}/metrics").text)
     best = max(saturation.values(), key=lambda r: r.requests_per_s)
     bound_ms = Settings().max_queue_wait_ms  # the server's too: same environment, no override
     allowed_p99_ms = bound_ms + alone.p50_ms
@@ -54,13 +61,31 @@ def run_overload(store: Path, seconds: float, clients: int, service_python: str,
         "max_queue_wait_ms": bound_ms,
         "alone": alone.as_dict(),
         "saturation": {str(c): r.as_dict() for c, r in saturation.items()},
-        "overload": {"clients": clients, **overload.as_dict()},
+        "overload": {"clients": clients, **overload.as_dict(), "admitted_p99_ms_in_service": admitted_p99_s * 1000},
         "checks": {
             "only 200 and 429": statuses <= {"200", "429"},
-            f"accepted p99 <= bound + one service time ({allowed_p99_ms:.0f} ms)": overload.p99_ms <= allowed_p99_ms,
+            f"admitted p99 in the service <= bound + one service time ({allowed_p99_ms:.0f} ms), to the histogram's "
+            f"bucket ({admitted_p99_s * 1000:.0f} ms)": admitted_p99_s * 1000 <= _bucket_at_or_above(allowed_p99_ms),
             "2xx/s >= 80% of saturated": overload.requests_per_s >= 0.8 * best.requests_per_s,
         },
     }
+
+
+def admitted_p99(before: str, after: str) -> float:
+    """Upper bound (s) of the histogram bucket holding the 99th percentile of /score's time in the
+    scheduler (admission to answer) between two scrapes."""
+    def buckets(text: str) -> list[tuple[float, float]]:
+        prefix = 'lstm_serve_admitted_request_seconds_bucket{endpoint="/score"'
+        return [(float(line.split('le="')[1].split('"')[0]), float(line.split()[-1]))
+                for line in text.splitlines() if line.startswith(prefix)]
+
+    counts = [(le, b - a) for (le, b), (_, a) in zip(buckets(after), buckets(before), strict=True)]
+    total = counts[-1][1]
+    return next(le for le, count in counts if count >= 0.99 * total)
+
+
+def _bucket_at_or_above(ms: float) -> float:
+    return 1000 * next(b for b in (*ADMITTED_BUCKETS, float("inf")) if b * 1000 >= ms)
 
 
 def table(results: dict) -> str:

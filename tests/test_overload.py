@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.server import MAX_RETRY_HOLD
 from bench.load import python_load
 from bench.servers import running
 
@@ -54,6 +55,9 @@ def test_a_flood_gets_only_200_and_429_and_the_service_recovers(slower_store):
         metrics = httpx.get(f"{server.base_url}/metrics").text
     assert set(alone.statuses) == {"200"} and set(after.statuses) == {"200"}
     assert set(flood.statuses) == {"200", "429"}, flood.statuses  # no 5xx, no reset connection
+    # A connection refused with Retry-After is not read again for (at most) a second: clients that
+    # retry at once cannot turn the flood into thousands of refusals a second.
+    assert flood.statuses["429"] <= CLIENTS * (3.0 / MAX_RETRY_HOLD + 1), flood.statuses
     # Once the flood is over, requests are served as before it (nothing was left queued).
     assert after.p50_ms < 5 * alone.p50_ms, (alone, after)
     assert 'lstm_serve_http_requests_total{endpoint="/score",method="POST",status="429"}' in metrics
