@@ -78,8 +78,9 @@ class Admission:
     will have drained below the bound.
 
     Work is measured in token positions; what a position costs is learnt per model, kind of call
-    and precision from the calls that ran (an exponential moving average of seconds per position,
-    so batching's savings under load are counted), starting from ``PRIOR_SECONDS_PER_POSITION``."""
+    and precision from the calls that ran (an exponential moving average of seconds per position; under
+    load, of the time between back-to-back calls, so both batching's savings and the event loop's share
+    count), starting from ``PRIOR_SECONDS_PER_POSITION``."""
 
     PRIOR_SECONDS_PER_POSITION = 2e-4  # a 10k-word softmax position on one core, rounded up
     SMOOTHING = 0.5  # a flood must be measured within a few calls: costs under load are several times higher

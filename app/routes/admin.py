@@ -14,13 +14,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request
 
-from app.errors import AdminDisabled, ModelNotFound, Unauthorized
+from app.errors import AdminDisabled, Unauthorized
 from app.lifecycle import StoreWatcher
 from app.manifest import MODEL_NAME_MAX_CHARS, MODEL_NAME_PATTERN
-from app.registry import ModelRegistry
 from app.routes.deps import Registry
 from app.routes.inference import JSONBodyRoute
-from app.routes.models import model_info, version_info
+from app.routes.models import all_models, model_named, version_info
 from app.schemas import (
     AdminStatus,
     ModelInfo,
@@ -65,17 +64,9 @@ Version = Annotated[int, Path(description="Version number.", ge=1, le=999_999_99
 NOT_FOUND = error_responses({404: "No such model or version in the store (`model_not_found`)."})
 
 
-def _model(registry: ModelRegistry, name: str) -> ModelInfo:
-    versions = [v for v in registry.versions() if v.name == name]
-    if not versions:
-        raise ModelNotFound(f"there is no model {name!r}", {"available": sorted({v.name for v in registry.versions()})})
-    return model_info(registry, name, versions)
-
-
 @router.get("/models", summary="Every model and version, with pins and draining versions")
 async def status(registry: Registry) -> AdminStatus:
-    names = sorted({v.name for v in registry.versions()})
-    return AdminStatus(models=[_model(registry, name) for name in names], draining=registry.draining(),
+    return AdminStatus(models=all_models(registry), draining=registry.draining(),
                        reconciles=dict(registry.reconciles))
 
 
@@ -108,11 +99,11 @@ async def unload(registry: Registry, name: ModelName, version: Version) -> Model
 async def pin(registry: Registry, name: ModelName, body: PinRequest) -> ModelInfo:
     """Requests that name no version get this one while it serves, whatever versions are added."""
     registry.pin(name, body.version)
-    return _model(registry, name)
+    return model_named(registry, name)
 
 
 @router.delete("/models/{name}/pin", summary="Unpin: the highest version in service is the default again",
                responses=NOT_FOUND)
 async def unpin(registry: Registry, name: ModelName) -> ModelInfo:
     registry.unpin(name)
-    return _model(registry, name)
+    return model_named(registry, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Path
 
 from app.errors import ModelNotFound
-from app.manifest import FULL, PRECISIONS, graph_name
+from app.manifest import FULL, MODEL_NAME_MAX_CHARS, PRECISIONS, graph_name
 from app.registry import ModelRegistry, ModelVersion
 from app.routes.deps import Registry
 from app.schemas import ModelInfo, ModelList, ModelVersionInfo, error_responses
@@ -52,23 +52,33 @@ def model_info(registry: ModelRegistry, name: str, versions: list[ModelVersion])
     )
 
 
+def all_models(registry: ModelRegistry) -> list[ModelInfo]:
+    """Every model in the store, by name, with its versions."""
+    versions = registry.versions()
+    return [model_info(registry, name, [v for v in versions if v.name == name])
+            for name in sorted({v.name for v in versions})]
+
+
+def model_named(registry: ModelRegistry, name: str) -> ModelInfo:
+    """One model and its versions; 404 ``model_not_found`` (without echoing the name) if none."""
+    versions = [v for v in registry.versions() if v.name == name]
+    if not versions:
+        raise ModelNotFound("there is no such model", {"available": sorted({v.name for v in registry.versions()})})
+    return model_info(registry, name, versions)
+
+
 @router.get("/models", summary="Every model in the store")
 async def list_models(registry: Registry) -> ModelList:
     """Each model with its versions: state (`serving`, `failed` with the reason, or `loading`), task,
     architecture, metrics and vocabulary size from the manifest."""
-    names = sorted({v.name for v in registry.versions()})
-    return ModelList(
-        models=[model_info(registry, name, [v for v in registry.versions() if v.name == name]) for name in names]
-    )
+    return ModelList(models=all_models(registry))
 
 
 @router.get("/models/{name}", summary="One model's versions",
             responses=error_responses({404: "No such model (`model_not_found`)."}))
 async def get_model(
-    registry: Registry, name: str = Path(description="Model name, e.g. `ptb-lm`.", max_length=64)
+    registry: Registry,
+    name: str = Path(description="Model name, e.g. `ptb-lm`.", max_length=MODEL_NAME_MAX_CHARS),
 ) -> ModelInfo:
     """One model's versions, as in `GET /models`."""
-    versions = [v for v in registry.versions() if v.name == name]
-    if not versions:
-        raise ModelNotFound("there is no such model", {"available": sorted({v.name for v in registry.versions()})})
-    return model_info(registry, name, versions)
+    return model_named(registry, name)
