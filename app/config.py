@@ -138,6 +138,7 @@ class Settings(BaseSettings):
         "comment); read at start-up. Adds to api_keys.",
     )
     docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json; false: they are 404.")
+    demo: bool = Field(True, description="Serve the demo page at /demo (and redirect / to it); false: they are 404.")
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics; false: it is 404.")
     metrics_token: SecretStr | None = Field(
         None, description="Bearer token that /metrics requires (401 without it); open while unset.",

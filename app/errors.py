@@ -64,6 +64,10 @@ class NoTokens(ServiceError):
     status, code = 422, "empty_text"
 
 
+class InvalidStopWord(ServiceError):
+    status, code = 422, "invalid_stop_word"
+
+
 class InvalidJSON(ServiceError):
     status, code = 422, "invalid_json"
 

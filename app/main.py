@@ -17,7 +17,7 @@ from app.lifecycle import StoreWatcher
 from app.metrics import ServiceMetrics
 from app.middleware import BodySizeLimit, RequestMetrics
 from app.registry import ModelRegistry
-from app.routes import admin, health, models
+from app.routes import admin, demo, health, models
 from app.routes.docs import install_docs
 from app.routes.inference import INFERENCE_PATHS, LoadShedding, inference_router
 from app.scheduler import Admission, Scheduler
@@ -26,7 +26,8 @@ from app.schemas import Limits, request_schemas
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
-Next-word prediction and sentence scoring with an LSTM language model, and sentence sentiment,
+Next-word prediction (and completion of the word being typed), sentence scoring (n-best rescoring) and text
+generation with an LSTM language model, and sentence sentiment,
 served from the model store with onnxruntime.
 
 Every error has one shape: `{"error": {"code", "message", "details"}}`. Log-probabilities are
@@ -94,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     if settings.docs:
         install_docs(app)
+    if settings.demo:
+        app.include_router(demo.router)
     guards = access_guards(settings, inference=inference.routes, metrics=health.metrics_router.routes)
     document_guards(app, guards)
     # The last one added runs first: metrics see every answer, 413s included.

@@ -1,6 +1,6 @@
 """Model versions at run time: a version's onnxruntime sessions, tokenizer and self-test, and the
 row-level primitives that make one onnxruntime call per group of rows
-(``LanguageModelRuntime.run_steps`` / ``score_rows``, ``SentimentRuntime.classify_rows``) with what
+(``LanguageModelRuntime.run_steps`` / ``score_segments``, ``SentimentRuntime.classify_rows``) with what
 turns their results into answers. ``app.scheduler`` decides which rows share a call and where it runs."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from app.cache import ModelKey, PrefixState
-from app.errors import NoTokens, ServiceError, TooManyTokens
+from app.errors import InvalidStopWord, NoTokens, ServiceError, TooManyTokens
 from app.manifest import FULL, LAST, PRECISIONS, Precision, Task, graph_name
 from app.sessions import create_session
 from app.store import ModelLoadError, VersionFiles
@@ -52,9 +52,20 @@ class NextWord:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """The word being typed: ``prefix`` (normalised like any word), how many vocabulary words
+    start with it, and the share of the next-word distribution they hold together."""
+
+    prefix: str
+    matches: int
+    coverage: float
+
+
+@dataclass(frozen=True)
 class NextWordDistribution:
     context: Tokenised
     words: list[NextWord]  # most probable first
+    completion: Completion | None = None  # set when the last word was completed, not predicted
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,25 @@ class Step:
 
     tokens: Sequence[int]
     state: PrefixState | None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Scoring work for one segment of a score plan (`app.prefix_trie`): read ``tokens`` from
+    ``state`` ((h, c) [layers, hidden]; None: the zero state) and, after the token at each
+    position, look up the log-probabilities of the ids ``reads[position]``; with ``keep_state``
+    return the final state too (segments continue from it)."""
+
+    tokens: Sequence[int]
+    state: tuple[np.ndarray, np.ndarray] | None
+    reads: Sequence[list[int]]
+    keep_state: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    values: list[dict[int, float]]  # per position: token id -> natural-log probability
+    state: tuple[np.ndarray, np.ndarray] | None  # (h, c) when the segment kept it
 
 
 class ModelRuntime(ABC):
@@ -197,7 +227,10 @@ class ModelRuntime(ABC):
 
     def tokenise(self, text: str, index: int = 0) -> Tokenised:
         """Normalise ``text`` and map it to ids; ``index`` is its place in the request (for errors)."""
-        words = self.normalise(text)
+        return self.encode_words(self.normalise(text), index)
+
+    def encode_words(self, words: list[str], index: int = 0) -> Tokenised:
+        """Normalised ``words`` mapped to ids (422 ``too_many_tokens`` over the limit)."""
         if len(words) > self.max_tokens:
             raise TooManyTokens(
                 f"text {index} has {len(words)} tokens after normalisation; the limit is {self.max_tokens}",
@@ -323,22 +356,73 @@ class LanguageModelRuntime(ModelRuntime):
         words = [NextWord(self.vocab.tokens[i], math.exp(scores[i]), float(scores[i])) for i in top]
         return NextWordDistribution(context=context, words=words)
 
+    def split_last_word(self, text: str) -> tuple[Tokenised, str | None]:
+        """``text`` as a context and the word still being typed at its end, normalised like every
+        word (None when the text ends in whitespace or punctuation: its last word is finished)."""
+        chunks = text.split()
+        if not chunks or text[-1].isspace() or not (chunks[-1][-1].isalnum() or chunks[-1][-1] == "'"):
+            return self.tokenise(text), None
+        words = self.normalise(text)
+        if not words:
+            return self.tokenise(text), None
+        return self.encode_words(words[:-1]), words[-1]
+
+    def completions(self, context: Tokenised, log_probs: np.ndarray, prefix: str, top_k: int) -> NextWordDistribution:
+        """The ``top_k`` most probable vocabulary words starting with ``prefix`` in ``log_probs``
+        [vocab] (the distribution after ``context``), and the share of the distribution they cover."""
+        ids = np.asarray(self.vocab.ids_with_prefix(prefix), dtype=np.int64)
+        scores = log_probs[ids].astype(np.float64)
+        coverage = float(np.exp(scores).sum()) if ids.size else 0.0
+        top = sorted(range(ids.size), key=lambda i: (-scores[i], ids[i]))[:top_k]
+        words = [NextWord(self.vocab.tokens[ids[i]], math.exp(scores[i]), float(scores[i])) for i in top]
+        return NextWordDistribution(context, words, Completion(prefix, int(ids.size), min(1.0, coverage)))
+
+    def stop_ids(self, words: Sequence[str]) -> frozenset[int]:
+        """The vocabulary ids of stop words, each normalised like text; 422 ``invalid_stop_word`` for
+        one that is not exactly one vocabulary word (it could never be generated)."""
+        ids = set()
+        for index, word in enumerate(words):
+            tokens = self.normalise(word)
+            if len(tokens) != 1 or tokens[0] not in self.vocab or self.vocab.id(tokens[0]) in self.special_ids:
+                raise InvalidStopWord(
+                    f"stop word {index} is not one word of the model's vocabulary after normalisation, so it "
+                    "could never be generated", {"index": index, "tokens": len(tokens)})
+            ids.add(self.vocab.id(tokens[0]))
+        return frozenset(ids)
+
+    def special_ids_except_eos(self, allow_unk: bool) -> list[int]:
+        """Special tokens generation must not choose: ``<pad>``, and ``<unk>`` unless allowed
+        (``<eos>`` ends a sample instead)."""
+        return [i for i in self.special_ids if i != self.eos_id and (i != self.vocab.unk_id or not allow_unk)]
+
     def score_targets(self, texts: Sequence[str], count_eos: bool) -> tuple[list[Tokenised], list[list[int]]]:
         """Each text tokenised, and the ids scored for it: its tokens, then ``<eos>`` with ``count_eos``."""
         encoded = [self.tokenise(text, index) for index, text in enumerate(texts)]
         return encoded, [t.ids + [self.eos_id] if count_eos else t.ids for t in encoded]
 
-    def score_rows(self, precision: Precision, targets: Sequence[list[int]]) -> list[list[float]]:
-        """Natural-log probability of each target id given ``<eos>`` and the targets before it, per
-        row (every row non-empty), in one full-graph call. Rows are right-padded: the LSTM is causal,
-        so padding never changes a valid position, and only those are read."""
-        width = max(len(target) for target in targets)
-        tokens = np.full((len(targets), width), self.eos_id, dtype=np.int64)
-        for row, target in enumerate(targets):
-            tokens[row, 1 : len(target)] = target[:-1]
-        log_probs = self.run(graph_name(FULL, precision), {"tokens": tokens, **self._state(len(targets))})[0]
-        return [log_probs[row, np.arange(len(target)), target].astype(np.float64).tolist()
-                for row, target in enumerate(targets)]
+    def score_segments(self, precision: Precision, segments: Sequence[Segment]) -> list[SegmentResult]:
+        """One full-graph call for ``segments`` (`app.prefix_trie`): each row reads its tokens from its
+        state, and its ``reads`` are looked up in the log-probabilities after each token. Rows are
+        right-padded: the LSTM is causal, so padding never changes a valid position, and only those
+        are read; a row that keeps its final state must be as long as the longest row."""
+        width = max(len(segment.tokens) for segment in segments)
+        tokens = np.full((len(segments), width), self.eos_id, dtype=np.int64)
+        for row, segment in enumerate(segments):
+            tokens[row, : len(segment.tokens)] = segment.tokens
+        h0 = np.stack([self._zero_state if s.state is None else s.state[0] for s in segments], axis=1)
+        c0 = np.stack([self._zero_state if s.state is None else s.state[1] for s in segments], axis=1)
+        log_probs, hn, cn = self.run(graph_name(FULL, precision), {"tokens": tokens, "h0": h0, "c0": c0})
+        results = []
+        for row, segment in enumerate(segments):
+            values = [dict(zip(reads, log_probs[row, position, reads].astype(np.float64).tolist(), strict=True))
+                      for position, reads in enumerate(segment.reads)]
+            state = None
+            if segment.keep_state:
+                if len(segment.tokens) != width:
+                    raise ValueError("a segment that keeps its state cannot share a call with longer ones")
+                state = (hn[:, row].copy(), cn[:, row].copy())
+            results.append(SegmentResult(values, state))
+        return results
 
     def sentence_score(self, text: Tokenised, target: list[int], values: list[float]) -> SentenceScore:
         total = float(sum(values))
@@ -349,7 +433,7 @@ class LanguageModelRuntime(ModelRuntime):
     def warm_up(self) -> None:
         for precision in self.precisions:
             self.run_steps(precision, [Step([self.eos_id], None)])
-            self.score_rows(precision, [[self.eos_id]])
+            self.score_segments(precision, [Segment([self.eos_id], None, [[self.eos_id]])])
 
 
 class SentimentRuntime(ModelRuntime):

@@ -39,24 +39,29 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from app.cache import PrefixStateCache
+from app.cache import PrefixState, PrefixStateCache, Resumption
 from app.errors import DeadlineExceeded, Overloaded
 from app.manifest import Precision
+from app.prefix_trie import ScorePlan, plan_scoring
 from app.runtime import (
     Classification,
     LanguageModelRuntime,
     NextWordDistribution,
+    Segment,
+    SegmentResult,
     SentenceScore,
     SentimentRuntime,
     Step,
+    Tokenised,
 )
+from app.sampling import GeneratedToken, SampleEnd, Sampling, choose_token, sample_generator
 
 Row = TypeVar("Row")
 Result = TypeVar("Result")
@@ -140,6 +145,14 @@ class Admission:
             self._observe(endpoint, time.perf_counter() - admitted)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """The start of a generation: the prompt as the model read it and the precision it runs at."""
+
+    context: Tokenised
+    precision: Precision
+
+
 @dataclass
 class _Request(Generic[Row, Result]):
     rows: list[Row]
@@ -173,6 +186,7 @@ class Scheduler:
         max_wait: float = 0.001,
         default_precision: Precision = "float32",
         timeout: float = 10.0,
+        share_prefixes: bool = True,
     ):
         self.admission = admission
         self.cache = cache
@@ -181,6 +195,7 @@ class Scheduler:
         self.max_wait = max_wait if batching else 0.0
         self.default_precision = default_precision
         self.timeout = timeout
+        self.share_prefixes = share_prefixes  # /score computes texts' common beginnings once
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=INFERENCE_THREAD_NAME)
         self._queues: dict[Hashable, _Queue[Any, Any]] = {}
         self._running: set[asyncio.Task[None]] = set()  # the group on the inference thread, referenced
@@ -192,43 +207,126 @@ class Scheduler:
 
     async def predict_next(self, model: LanguageModelRuntime, text: str, top_k: int, include_special: bool,
                            precision: Precision | None, deadline: float | None = None,
-                           ) -> tuple[NextWordDistribution, Precision]:
-        """Top-k next words after ``text`` and the precision they were computed at. The prefix runs
-        from its longest cached prefix; steps are keyed by their token count, because only
-        equal-length steps can share a call (an LSTM's final state depends on every position).
-        ``deadline`` is in event-loop time (None: the default timeout from now)."""
+                           complete_last_word: bool = False) -> tuple[NextWordDistribution, Precision]:
+        """Top-k next words after ``text`` and the precision they were computed at; with
+        ``complete_last_word``, the top-k words that complete the word being typed (from the
+        distribution after the words before it). The prefix runs from its longest cached prefix;
+        steps are keyed by their token count, because only equal-length steps can share a call (an
+        LSTM's final state depends on every position). ``deadline`` is in event-loop time (None:
+        the default timeout from now)."""
         chosen = model.precision(precision, self.default_precision)
         deadline = self._deadline(deadline)
-        context = model.tokenise(text)
+        context, typed = model.split_last_word(text) if complete_last_word else (model.tokenise(text), None)
         key = model.cache_key(chosen)
         plan = self.cache.plan(key, model.context_ids(context))
         kind = (model.ref, "step", chosen)
         cost = self.admission.cost(kind, len(plan.ids) - plan.cached)
         with self.admission.admit(cost, "/predict-next"), model.in_use():
-            start, state = plan.cached, plan.state
-            for end in plan.ends:
-                step = Step(plan.ids[start:end], state)
-                (state,) = await self._run((*kind, end - start), kind, [step], partial(model.run_steps, chosen),
-                                           padded=False, deadline=deadline)
-                self.cache.put(key, plan.ids[:end], state)
-                start = end
-            assert state is not None
+            state = await self._read_prefix(model, chosen, plan, deadline)
+            if typed is not None:
+                return model.completions(context, state.log_probs, typed, top_k), chosen
             return model.top_words(context, state.log_probs, top_k, include_special), chosen
+
+    async def generate(self, model: LanguageModelRuntime, text: str, sampling: Sampling, max_tokens: int, n: int,
+                       seed: int, stop: Sequence[str], allow_unk: bool, precision: Precision | None,
+                       deadline: float | None = None) -> AsyncIterator[Prompt | GeneratedToken | SampleEnd]:
+        """Continue ``text`` with ``n`` samples of at most ``max_tokens`` tokens each. Yields the
+        `Prompt` first (before any token: everything a client can get wrong has been refused by
+        then), then each sample's tokens as they are chosen and a `SampleEnd` per sample
+        (``eos``, ``stop`` for a word of ``stop``, or ``length``; neither ``<eos>`` nor the stop
+        word is yielded). The prompt runs from the prefix-state cache; after it, each new token is
+        one step from the state before it (never the prompt again), and the samples' steps share
+        calls with each other and with other requests' one-token steps. ``<unk>`` is never chosen
+        unless ``allow_unk``; ``<pad>`` never."""
+        chosen = model.precision(precision, self.default_precision)
+        deadline = self._deadline(deadline)
+        context = model.tokenise(text)
+        stop_ids = model.stop_ids(stop)
+        banned = model.special_ids_except_eos(allow_unk)
+        plan = self.cache.plan(model.cache_key(chosen), model.context_ids(context))
+        kind = (model.ref, "step", chosen)
+        cost = self.admission.cost(kind, len(plan.ids) - plan.cached + max_tokens)
+        with self.admission.admit(cost, "/generate"), model.in_use():
+            prompt = await self._read_prefix(model, chosen, plan, deadline)
+            yield Prompt(context, chosen)
+            generators = [sample_generator(seed, index) for index in range(n)]
+            states = [prompt] * n
+            active = list(range(n))
+            for number in range(max_tokens):
+                chosen_ids: dict[int, int] = {}
+                for index in active:
+                    token = choose_token(states[index].log_probs, sampling, banned, generators[index])
+                    if token == model.eos_id or token in stop_ids:
+                        yield SampleEnd(index, "eos" if token == model.eos_id else "stop")
+                        continue
+                    yield GeneratedToken(index, model.vocab.tokens[token], float(states[index].log_probs[token]))
+                    chosen_ids[index] = token
+                active = list(chosen_ids)
+                if number == max_tokens - 1:
+                    for index in active:
+                        yield SampleEnd(index, "length")
+                    return
+                if not active:
+                    return
+                steps = [Step([chosen_ids[index]], states[index]) for index in active]
+                new_states = await self._run((*kind, 1), kind, steps, partial(model.run_steps, chosen),
+                                             padded=False, deadline=deadline)
+                for index, state in zip(active, new_states, strict=True):
+                    states[index] = state
+
+    async def _read_prefix(self, model: LanguageModelRuntime, precision: Precision, plan: Resumption,
+                           deadline: float) -> PrefixState:
+        """The state after ``plan``'s prefix: its cached part, then its new tokens as steps (each
+        step's state cached). Steps are keyed by their token count, because only equal-length steps
+        can share a call (an LSTM's final state depends on every position)."""
+        key = model.cache_key(precision)
+        kind = (model.ref, "step", precision)
+        start, state = plan.cached, plan.state
+        for end in plan.ends:
+            step = Step(plan.ids[start:end], state)
+            (state,) = await self._run((*kind, end - start), kind, [step], partial(model.run_steps, precision),
+                                       padded=False, deadline=deadline)
+            self.cache.put(key, plan.ids[:end], state)
+            start = end
+        assert state is not None
+        return state
 
     async def score(self, model: LanguageModelRuntime, texts: Sequence[str], count_eos: bool,
                     precision: Precision | None, deadline: float | None = None,
                     ) -> tuple[list[SentenceScore], Precision]:
         """Each text's tokens scored left to right from ``<eos>`` (the closing ``<eos>`` too with
-        ``count_eos``)."""
+        ``count_eos``). Texts that share a beginning (an n-best list) compute it once
+        (`app.prefix_trie`): the plan's segments run round by round, leaves padded together with
+        other requests' texts, segments that others continue from in calls of equal length."""
         chosen = model.precision(precision, self.default_precision)
         deadline = self._deadline(deadline)
         encoded, targets = model.score_targets(texts, count_eos)
+        plan = plan_scoring(targets, model.eos_id, self.share_prefixes)
         kind = (model.ref, "score", chosen)
-        cost = self.admission.cost(kind, sum(map(len, targets)))
+        run = partial(model.score_segments, chosen)
+        cost = self.admission.cost(kind, plan.positions)
         with self.admission.admit(cost, "/score"), model.in_use():
-            scored = await self._run(kind, kind, targets, partial(model.score_rows, chosen), padded=True,
-                                     deadline=deadline)
+            done: list[SegmentResult] = [None] * len(plan.segments)  # type: ignore[list-item]
+            for indices in plan.rounds:
+                calls: dict[Hashable, list[int]] = {}
+                for index in indices:
+                    segment = plan.segments[index]
+                    key = (*kind, "branch", len(segment.tokens)) if segment.branches else kind
+                    calls.setdefault(key, []).append(index)
+                work = {key: self._run(key, kind, [self._segment(plan, i, done) for i in members], run,
+                                       padded=key == kind, deadline=deadline)
+                        for key, members in calls.items()}
+                for key, results in zip(work, await _all(list(work.values())), strict=True):
+                    for index, result in zip(calls[key], results, strict=True):
+                        done[index] = result
+            scored = plan.assemble([result.values for result in done], targets)
             return [model.sentence_score(*row) for row in zip(encoded, targets, scored, strict=True)], chosen
+
+    @staticmethod
+    def _segment(plan: ScorePlan, index: int, done: list[SegmentResult]) -> Segment:
+        segment = plan.segments[index]
+        state = None if segment.parent is None else done[segment.parent].state
+        return Segment(segment.tokens, state, segment.reads, keep_state=segment.branches)
 
     async def classify(self, model: SentimentRuntime, texts: Sequence[str], precision: Precision | None,
                        deadline: float | None = None) -> tuple[list[Classification], Precision]:
@@ -358,9 +456,23 @@ class Scheduler:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+async def _all(calls: list[Coroutine[Any, Any, Result]]) -> list[Result]:
+    """The results of ``calls`` run concurrently; the first failure cancels the others and is raised
+    as itself (a request's deadline, say), not in an exception group. One call is simply awaited."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
 def _positions(row: Any) -> int:
-    """Token positions a row makes onnxruntime compute: a text's ids, or a next-word step's tokens."""
-    return len(row.tokens) if isinstance(row, Step) else len(row)
+    """Token positions a row makes onnxruntime compute: a scoring segment's or a next-word step's
+    tokens, or a text's ids."""
+    return len(row.tokens) if isinstance(row, Step | Segment) else len(row)
 
 
 def length_buckets(sizes: Sequence[int], budget: int = BATCH_TOKEN_BUDGET) -> Iterator[list[int]]:
@@ -381,12 +493,12 @@ def length_buckets(sizes: Sequence[int], budget: int = BATCH_TOKEN_BUDGET) -> It
         yield bucket
 
 
-def run_in_length_buckets(run: Callable[[list[list[int]]], list[Result]], rows: list[list[int]]) -> list[Any]:
-    """``run`` over ``rows`` (token-id lists) in length buckets, results in the rows' order. An
-    empty row needs no call: its result is an empty list (no token to score)."""
+def run_in_length_buckets(run: Callable[[list[Row]], list[Result]], rows: list[Row]) -> list[Any]:
+    """``run`` over ``rows`` (token-id lists or scoring segments) in length buckets, results in the
+    rows' order. An empty row needs no call: its result is an empty list (nothing to compute)."""
     results: list[Any] = [[] for _ in rows]
-    pending = [i for i, row in enumerate(rows) if row]
-    for bucket in length_buckets([len(rows[i]) for i in pending]):
+    pending = [i for i, row in enumerate(rows) if _positions(row)]
+    for bucket in length_buckets([_positions(rows[i]) for i in pending]):
         indices = [pending[b] for b in bucket]
         for i, result in zip(indices, run([rows[i] for i in indices]), strict=True):
             results[i] = result

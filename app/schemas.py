@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.manifest import MODEL_NAME_MAX_CHARS, MODEL_SPEC_PATTERN, Precision
 
 MAX_TOP_K = 100
+MAX_GENERATE_TOKENS = 200
+MAX_SAMPLES = 8
+MAX_STOP_WORDS = 16
+MAX_SEED = 2**53 - 1  # JavaScript's numbers are exact up to here: a browser can send back any seed
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class RequestSchemas:
     predict_next: type[_Request]
     score: type[_Request]
     sentiment: type[_Request]
+    generate: type[_Request]
 
 
 def request_schemas(limits: Limits) -> RequestSchemas:
@@ -84,7 +89,10 @@ def request_schemas(limits: Limits) -> RequestSchemas:
     class PredictNextRequest(_Request):
         """The prefix of a sentence whose next word is wanted."""
 
-        model_config = ConfigDict(json_schema_extra={"examples": [{"text": "the company said it", "top_k": 3}]})
+        model_config = ConfigDict(json_schema_extra={"examples": [
+            {"text": "the company said it", "top_k": 3},
+            {"text": "the stock mar", "top_k": 3, "complete_last_word": True},
+        ]})
 
         text: Text = Field(
             "", description=f"Prefix; empty asks for the first word of a sentence. At most "
@@ -92,6 +100,13 @@ def request_schemas(limits: Limits) -> RequestSchemas:
         )
         top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many words to return.")
         include_special: bool = Field(False, description="Also rank `<eos>`, `<unk>` and `<pad>`.")
+        complete_last_word: bool = Field(
+            False, description="Treat the last word as still being typed (a keyboard or search box: \"the stock "
+            "mar\"): answer the vocabulary words that start with it, ranked by the distribution after the words "
+            "before it, and say which share of that distribution they cover (`completion`). Text ending in "
+            "whitespace or punctuation has no word being typed and gets next words as usual. The partial word is "
+            "normalised like any other (lower case, numbers as `N` for PTB).",
+        )
         model: ModelSpec = None  # type: ignore[assignment]
         precision: PrecisionField = None  # type: ignore[assignment]
 
@@ -136,7 +151,45 @@ def request_schemas(limits: Limits) -> RequestSchemas:
             _one_of_text_or_texts(self)
             return self
 
-    return RequestSchemas(PredictNextRequest, ScoreRequest, SentimentRequest)
+    class GenerateRequest(_Request):
+        """A prompt for the language model to continue, and how to sample."""
+
+        model_config = ConfigDict(json_schema_extra={"examples": [
+            {"text": "the company said", "max_tokens": 12, "temperature": 0.8, "top_k": 40, "seed": 7},
+            {"text": "stock prices", "max_tokens": 20, "stream": True, "seed": 1},
+        ]})
+
+        text: Text = Field(
+            "", description=f"Prompt; empty starts a new sentence. At most {limits.max_text_chars} characters and "
+            f"{limits.max_text_tokens} tokens.",
+        )
+        max_tokens: int = Field(20, ge=1, le=MAX_GENERATE_TOKENS, description="Most tokens to write per sample.")
+        temperature: float = Field(
+            1.0, ge=0, le=5, description="Below 1 sharper, above 1 flatter than the model's distribution; 0 always "
+            "takes the most probable token (then `seed`, `top_k` and `top_p` change nothing).",
+        )
+        top_k: int = Field(None, ge=1, le=10_000,  # type: ignore[assignment]
+                           description="Sample only among the k most probable tokens. Default: all.")
+        top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: only among the most probable tokens "
+                             "that together hold this much probability.")
+        seed: int = Field(None, ge=0, le=MAX_SEED,  # type: ignore[assignment]
+                          description="Same seed and request, same text. Default: a random seed, returned in the "
+                          "response so the text can be reproduced.")
+        stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+            [], max_length=MAX_STOP_WORDS, description="Words that end a sample (not included), normalised like "
+            "text; each must be one vocabulary word (else 422 `invalid_stop_word`). `<eos>` always ends a sample.",
+        )
+        n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Independent samples to write.")
+        allow_unk: bool = Field(False, description="Let the model write `<unk>` (never written otherwise).")
+        stream: bool = Field(
+            False, description="Answer as server-sent events (`text/event-stream`): an event `token` "
+            "(`{index, token, log_prob}`) per token as it is chosen, then `done` with the whole response as "
+            "without streaming, or `error` (the error envelope) if something fails after the stream began.",
+        )
+        model: ModelSpec = None  # type: ignore[assignment]
+        precision: PrecisionField = None  # type: ignore[assignment]
+
+    return RequestSchemas(PredictNextRequest, ScoreRequest, SentimentRequest, GenerateRequest)
 
 
 class ModelRef(_Response):
@@ -148,6 +201,13 @@ class NextWord(_Response):
     word: str
     probability: float = Field(description="In [0, 1].")
     log_prob: float = Field(description="Natural log of `probability`.")
+
+
+class Completion(_Response):
+    prefix: str = Field(description="The word being typed, normalised (e.g. `mar`).")
+    matches: int = Field(description="Vocabulary words that start with `prefix` (special tokens left out).")
+    coverage: float = Field(description="Total probability of those words after the context: how likely it is "
+                            "that the word being typed is one the model knows.")
 
 
 class PredictNextResponse(_Response):
@@ -169,6 +229,11 @@ class PredictNextResponse(_Response):
                               "unknown words as `<unk>`; the context also starts with an implicit `<eos>`.")
     unknown: list[str] = Field(description="The words that became `<unk>`, in order.")
     predictions: list[NextWord] = Field(description="Most probable first.")
+    completion: Completion | None = Field(
+        None, description="With `complete_last_word` and a word being typed: that word and how much of the "
+        "distribution its completions cover; `predictions` are then those completions (possibly none). "
+        "`tokens` leave the word being typed out.",
+    )
 
 
 class ScoreConventions(_Response):
@@ -236,6 +301,38 @@ class SentimentResponse(_Response):
     precision: PrecisionUsed
     labels: list[str]
     results: list[SentimentResult] = Field(description="In request order.")
+
+
+class GeneratedSample(_Response):
+    index: int = Field(description="Sample number, 0 to n - 1.")
+    tokens: list[str] = Field(description="The tokens written, in order (no `<eos>`, no stop word).")
+    log_probs: list[float] = Field(description="Natural-log probability of each token under the model, before "
+                                   "temperature, top-k and top-p.")
+    text: str = Field(description="The tokens joined by spaces (the corpus's conventions: lower case, `N` for "
+                      "numbers with PTB).")
+    finish_reason: Literal["eos", "stop", "length"] = Field(
+        description="`eos`: the model ended the sentence; `stop`: it wrote a stop word; `length`: `max_tokens`.")
+
+
+class GenerateResponse(_Response):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": {"name": "ptb-lm", "version": 2},
+        "precision": "float32",
+        "seed": 7,
+        "tokens": ["the", "company", "said"],
+        "unknown": [],
+        "samples": [{"index": 0, "tokens": ["it", "expects", "to", "complete", "the", "sale"],
+                     "log_probs": [-1.59, -3.72, -0.21, -4.61, -0.9, -2.66],
+                     "text": "it expects to complete the sale", "finish_reason": "eos"}],
+    }]})
+
+    model: ModelRef
+    precision: PrecisionUsed
+    seed: int = Field(description="The seed used (the request's, or the one chosen for it).")
+    tokens: list[str] = Field(description="The prompt as the model saw it, after normalisation, unknown words "
+                              "as `<unk>`.")
+    unknown: list[str] = Field(description="The prompt's words that became `<unk>`, in order.")
+    samples: list[GeneratedSample] = Field(description="One per sample, by index.")
 
 
 class ModelVersionInfo(_Response):

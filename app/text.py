@@ -6,6 +6,7 @@ tokens the model was trained on. Pure Python (plus NLTK's regex tokenizer); no t
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 import unicodedata
@@ -205,3 +206,20 @@ class Vocabulary:
     def unknown(self, tokens: Iterable[str]) -> list[str]:
         """The tokens (in order, repeats kept) that this vocabulary maps to ``<unk>``."""
         return [t for t in tokens if t not in self._ids]
+
+    def ids_with_prefix(self, prefix: str) -> list[int]:
+        """Ids of the tokens that start with ``prefix`` (a word being typed), special tokens
+        (``<unk>``, ``<eos>``, ``<pad>``) left out; in alphabetical order of the tokens."""
+        if not prefix:
+            return []
+        words, ids = self._alphabetical
+        start = bisect.bisect_left(words, prefix)
+        end = start
+        while end < len(words) and words[end].startswith(prefix):
+            end += 1
+        return ids[start:end]
+
+    @functools.cached_property
+    def _alphabetical(self) -> tuple[list[str], list[int]]:
+        ordered = sorted((t, i) for i, t in enumerate(self.tokens) if t not in (UNK, EOS, PAD))
+        return [t for t, _ in ordered], [i for _, i in ordered]

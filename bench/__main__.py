@@ -5,6 +5,7 @@ compare it with the naive PyTorch baseline and the in-process floor, and save JS
     python -m bench                              # model_store/, 10 s per measurement
     python -m bench --store /path/to/store --seconds 5 --client python
     python -m bench --faults                     # overload: /score at 256 clients (bench/faults.py)
+    python -m bench --nbest                      # n-best rescoring with and without prefix sharing
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from app.config import available_cpus
 from bench.faults import run_overload, table
+from bench.nbest import run_nbest
+from bench.nbest import table as nbest_table
 from bench.report import save, summary, targets
 from bench.run import Options, run_benchmark
 
@@ -38,6 +42,12 @@ def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
     parser.add_argument("--faults", action="store_true",
                         help="instead of the speed benchmark, the overload run of bench/faults.py (prints a table)")
+    parser.add_argument("--nbest", action="store_true",
+                        help="instead of the speed benchmark, n-best rescoring with and without prefix sharing "
+                        "(bench/nbest.py, in process)")
+    parser.add_argument("--nbest-lists", type=int, default=50, help="n-best lists of the --nbest run")
+    parser.add_argument("--valid", type=Path, default=Path("../shared/data/ptb/ptb.valid.txt"),
+                        help="sentences the --nbest lists are made from (default: PTB validation)")
     parser.add_argument("--overload-clients", type=int, default=256, help="clients of the --faults overload run")
     parser.add_argument("--service-python", default=str(SERVING_PYTHON) if SERVING_PYTHON.exists() else sys.executable,
                         help="interpreter that runs the service (default: the serving install made by `make serve`, "
@@ -58,6 +68,16 @@ def main(argv: list[str] | None = None) -> dict:
         path = out / f"faults-{results['started']}.json"
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(table(results))
+        print(f"\nsaved {path}")
+        return results
+    if args.nbest:
+        if not args.valid.is_file():
+            raise SystemExit(f"error: {args.valid} not found; give --valid FILE (one sentence per line)")
+        results = run_nbest(options.store, args.valid, args.nbest_lists, options.threads)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"nbest-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(nbest_table(results))
         print(f"\nsaved {path}")
         return results
     results = run_benchmark(options)

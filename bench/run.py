@@ -18,8 +18,9 @@ import numpy as np
 
 from app.config import available_cpus
 from app.manifest import load_manifest
+from app.prefix_trie import plan_scoring
 from app.registry import ModelRegistry
-from app.runtime import Step
+from app.runtime import Segment, Step
 from app.scheduler import run_in_length_buckets
 from app.store import discover
 from app.text import Vocabulary
@@ -85,7 +86,10 @@ def in_process_floor(options: Options, mixes: dict[str, Workload]) -> dict[str, 
 
     def score(texts: list[str]) -> None:
         encoded, targets = lm.score_targets(texts, True)
-        scored = run_in_length_buckets(partial(lm.score_rows, "float32"), targets)
+        plan = plan_scoring(targets, lm.eos_id, share=False)
+        segments = [Segment(s.tokens, None, s.reads) for s in plan.segments]
+        done = run_in_length_buckets(partial(lm.score_segments, "float32"), segments)
+        scored = plan.assemble([result.values for result in done], targets)
         for row in zip(encoded, targets, scored, strict=True):
             lm.sentence_score(*row)
 

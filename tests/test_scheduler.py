@@ -151,7 +151,7 @@ def slow(function, seconds: float, ran: list):
 def test_work_past_its_deadline_is_answered_504_and_never_run(models, monkeypatch):
     lm = models.registry.language_model("tiny-lm")
     ran: list[int] = []
-    monkeypatch.setattr(lm, "score_rows", slow(lm.score_rows, 0.3, ran))
+    monkeypatch.setattr(lm, "score_segments", slow(lm.score_segments, 0.3, ran))
     started = time.perf_counter()
     answers = scheduled(lambda s: [s.score(lm, [text], True, None) for text in SENTENCES[:3]], timeout=0.1,
                         batching=False)
@@ -164,7 +164,7 @@ def test_work_past_its_deadline_is_answered_504_and_never_run(models, monkeypatc
 def test_a_request_cancelled_while_queued_never_reaches_onnxruntime(models, monkeypatch):
     lm = models.registry.language_model("tiny-lm")
     ran: list[int] = []
-    monkeypatch.setattr(lm, "score_rows", slow(lm.score_rows, 0.2, ran))
+    monkeypatch.setattr(lm, "score_segments", slow(lm.score_segments, 0.2, ran))
 
     async def main():
         scheduler = Scheduler(Admission(60.0), PrefixStateCache(0), batching=False)
@@ -199,7 +199,7 @@ def test_a_failing_group_fails_each_of_its_requests(models, monkeypatch):
     def broken(precision, rows):
         raise RuntimeError("onnxruntime failed")
 
-    monkeypatch.setattr(lm, "score_rows", broken)
+    monkeypatch.setattr(lm, "score_segments", broken)
     answers = scheduled(lambda s: [s.score(lm, [text], True, None) for text in SENTENCES[:3]])
     assert all(isinstance(a, RuntimeError) for a in answers)
 
@@ -244,7 +244,7 @@ def test_under_overload_admitted_requests_wait_at_most_the_bound_and_the_rest_ge
     10 ms: admitted requests (after the first calls, which teach admission the cost) wait about the
     bound plus one service time; the others are refused at once; the model stays busy."""
     lm = models.registry.language_model("tiny-lm")
-    monkeypatch.setattr(lm, "score_rows", slow(lm.score_rows, 0.01, []))
+    monkeypatch.setattr(lm, "score_segments", slow(lm.score_segments, 0.01, []))
     bound, clients, seconds = 0.1, 30, 2.0
     outcomes: list[tuple[float, float, str]] = []  # (started, seconds, outcome)
 

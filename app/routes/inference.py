@@ -6,19 +6,34 @@ the work is cancelled (its rows never reach onnxruntime) and nobody is answered.
 # configured limits), and FastAPI must see them as real objects in the signatures below.
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import ClientClosedRequest, InvalidJSON, Overloaded, UnsupportedMediaType, error_response
+from app.errors import (
+    ClientClosedRequest,
+    InvalidJSON,
+    Overloaded,
+    ServiceError,
+    UnsupportedMediaType,
+    error_response,
+)
 from app.routes.deps import Registry, Scheduler
 from app.runtime import Tokenised
-from app.scheduler import Admission
+from app.sampling import GeneratedToken, SampleEnd, Sampling
+from app.scheduler import Admission, Prompt
 from app.schemas import (
+    Completion,
+    GeneratedSample,
+    GenerateResponse,
     ModelRef,
     NextWord,
     PredictNextResponse,
@@ -32,6 +47,8 @@ from app.schemas import (
     error_responses,
 )
 from app.text import EOS
+
+log = logging.getLogger(__name__)
 
 
 class JSONBodyRoute(APIRoute):
@@ -84,7 +101,7 @@ class LoadShedding:
         await self.app(scope, receive, send)
 
 
-INFERENCE_PATHS = frozenset({"/predict-next", "/score", "/sentiment"})
+INFERENCE_PATHS = frozenset({"/predict-next", "/score", "/sentiment", "/generate"})
 
 
 ERRORS = error_responses({
@@ -103,6 +120,7 @@ ERRORS = error_responses({
 
 
 T = TypeVar("T")
+RANDOM_SEEDS = 2**31  # seeds chosen for requests that give none: short enough to read and type
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 MAX_TIMEOUT_MS = 600_000
 
@@ -163,15 +181,23 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
                            request: Request, deadline: Deadline) -> PredictNextResponse:
         """Top-k next words after the prefix, from the language model's distribution at the last
         position (natural-log probabilities). Special tokens are left out unless `include_special`.
-        A prefix that extends one seen before runs only its new words."""
+        A prefix that extends one seen before runs only its new words.
+
+        With `complete_last_word`, a prefix that ends mid-word (`"the stock mar"`) is answered with
+        the words completing it (`market`, `marketing`, ...) from the distribution after the words
+        before it, and `completion` says how much of that distribution they cover."""
         model = registry.language_model(body.model)
         result, precision = await unless_disconnected(request, scheduler.predict_next(
-            model, body.text, body.top_k, body.include_special, body.precision, deadline))
+            model, body.text, body.top_k, body.include_special, body.precision, deadline,
+            body.complete_last_word))
         return PredictNextResponse(
             model=_ref(model),
             precision=precision,
             **_tokens(result.context),
             predictions=[NextWord(word=w.word, probability=w.probability, log_prob=w.log_prob) for w in result.words],
+            completion=None if result.completion is None else Completion(
+                prefix=result.completion.prefix, matches=result.completion.matches,
+                coverage=result.completion.coverage),
         )
 
     @router.post("/score", summary="Log-probability and perplexity of texts")
@@ -217,4 +243,92 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
             ],
         )
 
+    @router.post(
+        "/generate", summary="Continue a prompt by sampling from the language model",
+        responses={200: {"content": {"text/event-stream": {
+            "schema": {"type": "string"},
+            "example": 'event: token\ndata: {"index": 0, "token": "it", "log_prob": -1.59}\n\n'
+                       'event: token\ndata: {"index": 0, "token": "expects", "log_prob": -3.72}\n\n'
+                       'event: done\ndata: {"model": {"name": "ptb-lm", "version": 2}, ..., "samples": [...]}\n\n',
+        }}, "description": "The generated samples; with `stream`, server-sent events instead."}},
+    )
+    async def generate(body: requests.generate, registry: Registry, scheduler: Scheduler, request: Request,
+                       deadline: Deadline) -> GenerateResponse:
+        """Sample a continuation of the prompt from the language model, token by token: temperature,
+        top-k and nucleus (top-p) sampling, or the most probable token at temperature 0. A sample
+        ends at `<eos>`, at a stop word or after `max_tokens`. The same request with the same `seed`
+        writes the same tokens, streamed or not. The prompt reads from the prefix cache; each new
+        token costs one LSTM step.
+
+        With `"stream": true` (or `Accept: text/event-stream`) the answer is server-sent events: one
+        `token` event per token as it is chosen, then `done` with the response below; errors before
+        the first event are answered as usual, later ones as an `error` event with the error
+        envelope. A client that goes away stops the generation."""
+        model = registry.language_model(body.model)
+        seed = secrets.randbelow(RANDOM_SEEDS) if body.seed is None else body.seed
+        events = scheduler.generate(
+            model, body.text, Sampling(body.temperature, body.top_k, body.top_p), body.max_tokens, body.n, seed,
+            body.stop, body.allow_unk, body.precision, deadline)
+        transcript = _Transcript(_ref(model), seed, body.n)
+        # On an error or a disconnect the generator has finished (or is cancelled) inside these calls.
+        transcript.add(await unless_disconnected(request, anext(events)))
+        if not (body.stream or "text/event-stream" in request.headers.get("accept", "")):
+            await unless_disconnected(request, transcript.read_all(events))
+            return transcript.response()
+        return StreamingResponse(transcript.stream(events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     return router
+
+
+class _Transcript:
+    """A generation's events gathered into the response, as they come (streamed or not)."""
+
+    def __init__(self, model: ModelRef, seed: int, n: int):
+        self.model, self.seed = model, seed
+        self.prompt: Prompt | None = None
+        self.tokens: list[list[str]] = [[] for _ in range(n)]
+        self.log_probs: list[list[float]] = [[] for _ in range(n)]
+        self.reasons: list[str] = ["length"] * n
+
+    def add(self, event: Prompt | GeneratedToken | SampleEnd) -> None:
+        if isinstance(event, Prompt):
+            self.prompt = event
+        elif isinstance(event, GeneratedToken):
+            self.tokens[event.index].append(event.token)
+            self.log_probs[event.index].append(event.log_prob)
+        else:
+            self.reasons[event.index] = event.reason
+
+    async def read_all(self, events: AsyncIterator[Any]) -> None:
+        async for event in events:
+            self.add(event)
+
+    def response(self) -> GenerateResponse:
+        assert self.prompt is not None
+        return GenerateResponse(
+            model=self.model, precision=self.prompt.precision, seed=self.seed, **_tokens(self.prompt.context),
+            samples=[GeneratedSample(index=i, tokens=tokens, log_probs=self.log_probs[i], text=" ".join(tokens),
+                                     finish_reason=self.reasons[i]) for i, tokens in enumerate(self.tokens)],
+        )
+
+    async def stream(self, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        """Server-sent events: ``token`` per token, then ``done`` (the response) or ``error``."""
+        try:
+            async for event in events:
+                self.add(event)
+                if isinstance(event, GeneratedToken):
+                    yield _event("token", {"index": event.index, "token": event.token, "log_prob": event.log_prob})
+            yield _event("done", self.response().model_dump(mode="json"))
+        except ServiceError as e:
+            yield _event("error", {"error": {"code": e.code, "message": e.message, "details": e.details}})
+        except Exception:
+            log.exception("generation failed after its stream began")
+            yield _event("error", {"error": {"code": "internal_error", "message": "the generation failed",
+                                             "details": None}})
+        finally:
+            await events.aclose()
+
+
+def _event(name: str, data: Any) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
