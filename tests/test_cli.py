@@ -217,3 +217,46 @@ def test_checkpoint_that_does_not_say_what_it_holds_is_refused_by_name(tmp_path,
     code, err = _run(_export(tmp_path / "run", tmp_path / "store", "tiny-lm"), capsys)
     assert code == EXIT_BAD_INPUT and "Traceback" not in err
     assert str(tmp_path / "run" / "best.pt") in err and message in err
+
+
+def test_a_run_can_start_from_an_exported_version(corpus, capsys):
+    """--init-from reads a version's ONNX weights back: the new run starts exactly where the
+    version is (same valid perplexity as the export measured), keeps its vocabulary and
+    architecture, and trains on from there."""
+    for untied in (False, True):
+        name = "untied" if untied else "tied"
+        first = _train_lm(corpus, f"first-{name}", "--epochs", "1", *(["--no-tied"] if untied else ["--tied"]))
+        assert main(first) == 0
+        assert main(_export(corpus / f"first-{name}", corpus / "store", f"tiny-{name}", "--version", "1",
+                            "--valid", str(corpus / "valid.txt"))) == 0
+        version = corpus / "store" / f"tiny-{name}" / "1"
+        capsys.readouterr()
+        code = main(["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"),
+                     "--run-dir", str(corpus / f"second-{name}"), "--init-from", str(version), "--batch-size", "2",
+                     "--bptt", "5", "--threads", "1", "--epochs", "1", "--lr", "0.1"])
+        out = capsys.readouterr().out
+        assert code == 0
+        starting = float(out.split("starting from")[1].split("valid ppl")[1].split()[0])
+        exported = json.loads((corpus / f"first-{name}" / "metrics.json").read_text())["best_valid_ppl"]
+        assert starting == pytest.approx(exported, rel=1e-3)
+        checkpoint = torch.load(corpus / f"second-{name}" / "checkpoint.pt", weights_only=True)
+        assert checkpoint["config"]["hidden_size"] == 8 and checkpoint["config"]["tied"] is not untied
+        assert checkpoint["vocab"] == (version / "vocab.txt").read_text().split("\n")[:-1]
+        assert "weights from" in checkpoint["command"]
+
+
+def test_init_from_refuses_what_contradicts_the_version(corpus, capsys):
+    assert main(_train_lm(corpus, "first", "--epochs", "1")) == 0
+    assert main(_export(corpus / "first", corpus / "store", "tiny", "--version", "1")) == 0
+    version = str(corpus / "store" / "tiny" / "1")
+    base = ["train-lm", "--train", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"), "--threads", "1"]
+    cases = [
+        (["--run-dir", str(corpus / "a"), "--init-from", version, "--hidden-size", "16"], "--hidden-size 16"),
+        (["--run-dir", str(corpus / "first"), "--init-from", version, "--resume"], "--resume continues"),
+        (["--run-dir", str(corpus / "b"), "--init-from", str(corpus / "store" / "tiny")], "not a model-store"),
+        (["--run-dir", str(corpus / "c"), "--init-from", version, "--normaliser", "sst"], "normaliser"),
+    ]
+    for options, message in cases:
+        code, err = _run(base + options, capsys)
+        assert code == EXIT_BAD_INPUT, options
+        assert message in err and "Traceback" not in err

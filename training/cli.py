@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--resume", action="store_true",
                     help="continue the run in RUN_DIR from its last checkpoint, with its configuration; "
                     "schedule options given now (--epochs, --lr, --lr-decay, --decay-after, --max-grad-norm) apply")
+    lm.add_argument("--init-from", type=Path, default=None, metavar="VERSION_DIR",
+                    help="start a new run from a model-store version's weights, vocabulary and normaliser "
+                    "(e.g. model_store/ptb-lm/2) instead of random ones; the architecture is the version's")
     lm.add_argument("--normaliser", choices=sorted(NORMALISERS), default=None,
                     help="how the service maps raw text to the corpus's tokens, recorded for the export "
                     "(default: ptb; a resumed run keeps its own)")
@@ -125,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.command == "train-lm":
+            if args.resume and args.init_from:
+                raise DataError("--resume continues a run with its own weights; --init-from starts a new one")
             from training.lm import train_language_model
 
             config = with_overrides(LM_PRESETS[args.preset], vars(args))
             given = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name) is not None}
             train_language_model(config, args.train, args.valid, args.run_dir, args.resume, args.max_minutes,
-                                 command, given, args.normaliser)
+                                 command, given, args.normaliser, args.init_from)
         elif args.command == "train-sentiment":
             from training.sentiment import train_sentiment
 

@@ -23,6 +23,7 @@ from training.model import LanguageModel
 from training.report import plot_curves, write_metrics
 
 EVAL_BATCH_SIZE = 10
+ARCHITECTURE_FIELDS = ("layers", "hidden_size", "embedding_size", "tied")
 SCHEDULE_FIELDS = frozenset({"epochs", "lr", "lr_decay", "decay_after", "max_grad_norm"})
 DEFAULT_NORMALISER = "ptb"
 
@@ -123,6 +124,7 @@ def train_language_model(
     command: str = "",
     overrides: dict | None = None,
     normaliser: str | None = None,
+    init_from: Path | None = None,
 ) -> dict:
     """Train into ``run_dir`` (checkpoint.pt after every epoch, best.pt at the best validation
     perplexity, metrics.json, curves.png). Returns the metrics.
@@ -131,7 +133,11 @@ def train_language_model(
     the export: it maps raw text to the corpus's conventions at serving time.
 
     On resume the run keeps its checkpoint's configuration and normaliser; ``overrides`` (the options
-    given explicitly) may change only the schedule (`SCHEDULE_FIELDS`), for example to extend a run."""
+    given explicitly) may change only the schedule (`SCHEDULE_FIELDS`), for example to extend a run.
+
+    ``init_from`` (a model-store version directory) starts a new run from that version's weights,
+    vocabulary and normaliser instead of a random initialisation (`training.warmstart`); the
+    architecture comes from the version, the schedule from ``config``."""
     if normaliser is not None:
         require_normaliser(normaliser)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,9 +167,13 @@ def train_language_model(
         if checkpoint_path.exists():
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it")
         checkpoint = None
-        normaliser = normaliser or DEFAULT_NORMALISER
-        # The PTB files already map rare words to <unk>; other corpora keep every word.
-        vocab = Vocabulary.build(train_sentences, specials=(EOS, UNK))
+        if init_from is not None:
+            initial, config, vocab, normaliser = _initial_weights(init_from, config, overrides or {}, normaliser)
+            command = f"{command}  # weights from {init_from.as_posix()}"
+        else:
+            normaliser = normaliser or DEFAULT_NORMALISER
+            # The PTB files already map rare words to <unk>; other corpora keep every word.
+            vocab = Vocabulary.build(train_sentences, specials=(EOS, UNK))
 
     torch.manual_seed(config.seed)
     model = build_model(config, len(vocab))
@@ -172,6 +182,11 @@ def train_language_model(
     best_valid = math.inf
     start_epoch = 1
     elapsed_before = 0.0
+    if init_from is not None and checkpoint is None:
+        model.load_state_dict(initial)
+        initial_valid = evaluate_stream(model, batchify(encode_lm_corpus(valid_sentences, vocab), EVAL_BATCH_SIZE),
+                                        config.bptt)
+        print(f"starting from {init_from.as_posix()}: valid ppl {math.exp(initial_valid):.2f}", flush=True)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -220,6 +235,24 @@ def train_language_model(
             print(f"stopping after epoch {epoch}: --max-minutes {max_minutes} reached; continue with --resume")
             break
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _initial_weights(
+    version_dir: Path, config: LMConfig, overrides: dict, normaliser: str | None
+) -> tuple[dict, LMConfig, Vocabulary, str]:
+    """The weights, config (architecture from the version), vocabulary and normaliser for a run
+    started from a model-store version; a DataError if the options contradict the version."""
+    from training.warmstart import architecture_conflicts, language_model_weights
+
+    state, architecture, vocab, version_normaliser = language_model_weights(version_dir)
+    conflicts = architecture_conflicts(overrides, architecture)
+    if conflicts:
+        raise DataError(f"--init-from {version_dir.as_posix()} fixes the architecture; drop "
+                        + ", ".join(conflicts))
+    if normaliser not in (None, version_normaliser):
+        raise DataError(f"{version_dir.as_posix()} uses normaliser {version_normaliser}, not {normaliser}")
+    config = dataclasses.replace(config, **{k: architecture[k] for k in ARCHITECTURE_FIELDS})
+    return state, config, vocab, version_normaliser
 
 
 def write_run_report(run_dir: Path, config: LMConfig, history: list[dict], train_seconds: float,
