@@ -246,7 +246,12 @@ def inference_router(requests: RequestSchemas) -> APIRouter:
     @router.post(
         "/generate", summary="Continue a prompt by sampling from the language model",
         responses={200: {"content": {"text/event-stream": {
-            "schema": {"type": "string"},
+            # One server-sent event, as OpenAPI 3.2 describes event streams (and schemathesis checks them).
+            "schema": {"type": "object", "required": ["event", "data"], "properties": {
+                "event": {"type": "string", "enum": ["token", "done", "error"]},
+                "data": {"type": "string", "description": "JSON: `{index, token, log_prob}` for `token`, the "
+                         "response below for `done`, the error envelope for `error`."},
+            }},
             "example": 'event: token\ndata: {"index": 0, "token": "it", "log_prob": -1.59}\n\n'
                        'event: token\ndata: {"index": 0, "token": "expects", "log_prob": -3.72}\n\n'
                        'event: done\ndata: {"model": {"name": "ptb-lm", "version": 2}, ..., "samples": [...]}\n\n',
