@@ -29,6 +29,19 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
     partial.replace(path)
 
 
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every tensor on the CPU, so a checkpoint written on a GPU loads and
+    exports anywhere; a tensor the module shares under two names (tied weights) stays one tensor."""
+    state: dict[str, torch.Tensor] = {}
+    copies: dict[tuple, torch.Tensor] = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if key not in copies:
+            copies[key] = tensor.detach().cpu()
+        state[name] = copies[key]
+    return state
+
+
 def load_checkpoint(path: Path, task: Task | None = None) -> dict:
     """The checkpoint at ``path``, checked to be plain data that names its task (``task``, when
     given) and normaliser; a DataError naming the file otherwise."""

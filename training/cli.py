@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from dataclasses import fields
@@ -12,14 +13,24 @@ from app.manifest import FULL
 from app.text import NORMALISERS
 from training.config import LM_PRESETS, SENTIMENT_PRESETS, LMConfig, SentimentConfig, with_overrides
 from training.data import DataError
+from training.distributed import DEVICES, launch_command, lost_contact, rank_label, start
 from training.export import ExportError
 
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
 
 
 def _add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice, usually one per core)")
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where to train: auto (CUDA when PyTorch sees a GPU, else the CPU), cpu or cuda; "
+                        "under torchrun local rank k uses GPU k (default: auto)")
+    parser.add_argument("--amp", action="store_true",
+                        help="CUDA mixed precision: float16 autocast with a gradient scaler (an error on the CPU)")
 
 
 def _add_config_options(parser: argparse.ArgumentParser, config_type: type, presets: dict) -> None:
@@ -65,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--max-minutes", type=float, default=None,
                     help="stop after the epoch that passes this wall time (resume later with --resume)")
     _add_threads_option(lm)
+    _add_device_options(lm)
     _add_config_options(lm, LMConfig, LM_PRESETS)
 
     sentiment = commands.add_parser(
@@ -85,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: sst)")
     sentiment.add_argument("--preset", choices=sorted(SENTIMENT_PRESETS), default="default", help="named configuration")
     _add_threads_option(sentiment)
+    _add_device_options(sentiment)
     _add_config_options(sentiment, SentimentConfig, SENTIMENT_PRESETS)
 
     export = commands.add_parser(
@@ -127,21 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        if args.command == "train-lm":
-            if args.resume and args.init_from:
-                raise DataError("--resume continues a run with its own weights; --init-from starts a new one")
-            from training.lm import train_language_model
-
-            config = with_overrides(LM_PRESETS[args.preset], vars(args))
-            given = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name) is not None}
-            train_language_model(config, args.train, args.valid, args.run_dir, args.resume, args.max_minutes,
-                                 command, given, args.normaliser, args.init_from)
-        elif args.command == "train-sentiment":
-            from training.sentiment import train_sentiment
-
-            config = with_overrides(SENTIMENT_PRESETS[args.preset], vars(args))
-            train_sentiment(config, args.train, args.dev, args.run_dir, args.classes, args.trees, command,
-                            args.normaliser)
+        if args.command in ("train-lm", "train-sentiment"):
+            _train(args, command)
         elif args.command == "export":
             from training.export import export_run
 
@@ -156,6 +156,38 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(evaluate_version(args.version_dir, args.file, args.graph), indent=2))
     except (DataError, FileExistsError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {rank_label()}{e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:
+        if not lost_contact(e):
+            raise
+        # Another rank died or stopped answering (torchrun stops the others, the collective timeout
+        # catches the rest): say so in one line rather than with a traceback from inside a collective.
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
+        print(f"error: {rank_label()}lost contact with the other training processes ({reason}); the run stops. "
+              "torchrun's report names the rank that failed first (train-lm --resume continues from the last epoch)",
+              file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     return 0
+
+
+def _train(args: argparse.Namespace, command: str) -> None:
+    """train-lm or train-sentiment, in this process's place under torchrun (alone without it)."""
+    with start(args.device, args.amp) as worker:
+        if worker.distributed:
+            command = command.replace("python -m training", launch_command(), 1)
+        if args.command == "train-lm":
+            if args.resume and args.init_from:
+                raise DataError("--resume continues a run with its own weights; --init-from starts a new one")
+            from training.lm import train_language_model
+
+            config = with_overrides(LM_PRESETS[args.preset], vars(args))
+            given = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name) is not None}
+            train_language_model(config, args.train, args.valid, args.run_dir, args.resume, args.max_minutes,
+                                 command, given, args.normaliser, args.init_from, worker, args.amp)
+        else:
+            from training.sentiment import train_sentiment
+
+            config = with_overrides(SENTIMENT_PRESETS[args.preset], vars(args))
+            train_sentiment(config, args.train, args.dev, args.run_dir, args.classes, args.trees, command,
+                            args.normaliser, worker, args.amp)
