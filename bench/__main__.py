@@ -64,27 +64,26 @@ def main(argv: list[str] | None = None) -> dict:
     if args.faults:
         results = run_overload(options.store, options.seconds, args.overload_clients, options.service_python,
                                options.threads)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"faults-{results['started']}.json"
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(table(results))
-        print(f"\nsaved {path}")
-        return results
+        return _report(results, out / f"faults-{results['started']}.json", table(results))
     if args.nbest:
         if not args.valid.is_file():
             raise SystemExit(f"error: {args.valid} not found; give --valid FILE (one sentence per line)")
         results = run_nbest(options.store, args.valid, args.nbest_lists, options.threads)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"nbest-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(nbest_table(results))
-        print(f"\nsaved {path}")
-        return results
+        return _report(results, out / f"nbest-{time.strftime('%Y%m%dT%H%M%S')}.json", nbest_table(results))
     results = run_benchmark(options)
     results["targets"] = targets(results)
     json_path, png_path = save(results, out)
     print(summary(results))
     print(f"\nsaved {json_path} and {png_path}")
+    return results
+
+
+def _report(results: dict, path: Path, text: str) -> dict:
+    """Save ``results`` as JSON at ``path`` and print ``text`` (a table of them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(text)
+    print(f"\nsaved {path}")
     return results
 
 
