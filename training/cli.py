@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "schedule options given now (--epochs, --lr, --lr-decay, --decay-after, --max-grad-norm) apply")
     lm.add_argument("--init-from", type=Path, default=None, metavar="VERSION_DIR",
                     help="start a new run from a model-store version's weights, vocabulary and normaliser "
-                    "(e.g. model_store/ptb-lm/2) instead of random ones; the architecture is the version's")
+                    "(e.g. model_store/ptb-lm/3) instead of random ones; the architecture is the version's")
     lm.add_argument("--normaliser", choices=sorted(NORMALISERS), default=None,
                     help="how the service maps raw text to the corpus's tokens, recorded for the export "
                     "(default: ptb; a resumed run keeps its own)")

@@ -1,7 +1,7 @@
 """Start a language-model run from a model-store version's weights.
 
 Training checkpoints live in run directories that are not shipped; the model store is what
-survives. ``train-lm --init-from model_store/ptb-lm/2`` reads the version's ``full`` ONNX graph back
+survives. ``train-lm --init-from model_store/ptb-lm/3`` reads the version's ``full`` ONNX graph back
 into a `LanguageModel`, so a shipped model can be trained further (a learning-rate restart, more
 epochs, new data with the same vocabulary) without its original run directory.
 
