@@ -267,3 +267,19 @@ def test_a_version_linked_from_outside_the_store_is_refused_unless_allowed(store
     allowed = ModelRegistry(store, threads=1, max_tokens=64, allow_links_outside_store=True)
     allowed.load_all()
     assert allowed.default_version("tiny-lm") == 2
+
+
+def test_the_heap_is_frozen_once_models_are_loaded(tiny_store):
+    """After a reconcile that loads versions, what is alive leaves the collector's generations, so a
+    full collection under load does not walk the whole heap (app.lifecycle.freeze_heap)."""
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_app(tiny_settings(tiny_store))) as client:
+        wait_until_ready(client)
+        deadline = time.monotonic() + 5
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gc.get_freeze_count() > 10_000
+    gc.unfreeze()

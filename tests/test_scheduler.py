@@ -5,6 +5,7 @@ would have got alone."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from starlette.testclient import TestClient
 
 from app.cache import PrefixStateCache
 from app.errors import ClientClosedRequest, Overloaded
+from app.lifecycle import freeze_heap
 from app.main import create_app
 from app.routes.inference import unless_disconnected
 from app.scheduler import INFERENCE_THREAD_NAME, Admission, Scheduler, length_buckets
@@ -265,7 +267,11 @@ def test_under_overload_admitted_requests_wait_at_most_the_bound_and_the_rest_ge
         finally:
             scheduler.close()
 
-    asyncio.run(main())
+    freeze_heap()  # as the service does once its models are loaded (app.lifecycle): no full-heap GC pauses
+    try:
+        asyncio.run(main())
+    finally:
+        gc.unfreeze()
     settled = [o for o in outcomes if o[0] > 0.3]
     accepted = sorted(latency for _, latency, outcome in settled if outcome == "200")
     refused = [latency for _, latency, outcome in settled if outcome == "429"]
