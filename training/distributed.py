@@ -180,5 +180,10 @@ def start(device: str = "auto", amp: bool = False) -> Iterator[Worker]:
                             device_id=chosen if chosen.type == "cuda" else None)
     try:
         yield worker
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave together: a rank that tears its group down while another still writes its files (rank 0)
+    # can abort in gloo's threads at exit ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
