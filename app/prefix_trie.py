@@ -75,6 +75,11 @@ def plan_scoring(targets: Sequence[Sequence[int]], start_id: int, share: bool = 
     if not share or len(targets) < 2:
         return _flat_plan(inputs, targets)
     top, walks = _trie(inputs, targets)
+    if sum(map(len, inputs)) - len({id(node) for walk in walks for node in walk}) < CALL_COST:
+        # Sharing would save fewer positions than one more call costs: no cut of the trie can beat one
+        # padded call, and cutting it costs event-loop time on every request (most requests, whose texts
+        # share nothing but <eos>).
+        return _flat_plan(inputs, targets)
     best = None
     for depth in range(max(map(len, inputs)) + 1):
         plan = _cut_trie(top, walks, depth)
