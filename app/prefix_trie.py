@@ -76,19 +76,16 @@ def plan_scoring(targets: Sequence[Sequence[int]], start_id: int, share: bool = 
         return _flat_plan(inputs, targets)
     top, walks = _trie(inputs, targets)
     if sum(map(len, inputs)) - len({id(node) for walk in walks for node in walk}) < CALL_COST:
-        # Sharing would save fewer positions than one more call costs: no cut of the trie can beat one
-        # padded call, and cutting it costs event-loop time on every request (most requests, whose texts
-        # share nothing but <eos>).
+        # Sharing would save fewer positions than one more call costs, so no cut of the trie is worth
+        # working out, which costs event-loop time on every request (most requests' texts share nothing
+        # but <eos>).
         return _flat_plan(inputs, targets)
-    best = None
+    cuts = []
     for depth in range(max(map(len, inputs)) + 1):
-        plan = _cut_trie(top, walks, depth)
-        if best is None or estimated_cost(plan) < estimated_cost(best):
-            best = plan
-        if len(plan.rounds) <= depth:  # the whole trie: cutting deeper changes nothing
+        cuts.append(_cut_trie(top, walks, depth))
+        if len(cuts[-1].rounds) <= depth:  # the whole trie: cutting deeper changes nothing
             break
-    assert best is not None
-    return best
+    return min(cuts, key=estimated_cost)  # the first of equals: the fewest rounds
 
 
 def estimated_cost(plan: ScorePlan) -> float:

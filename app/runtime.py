@@ -304,6 +304,8 @@ class LanguageModelRuntime(ModelRuntime):
         if not (len(state) == 3 and isinstance(state[0], int) and isinstance(state[2], int)):
             raise ModelLoadError("the manifest does not give h0's [layers, batch, hidden] sizes")
         self.layers, self.hidden_size = state[0], state[2]
+        self._all_ids = np.arange(len(self.vocab))
+        self._ordinary_ids = np.setdiff1d(self._all_ids, self.special_ids)  # what next-word answers rank
         self._zero_state = np.zeros((self.layers, self.hidden_size), dtype=np.float32)
 
     def _state(self, batch: int) -> dict[str, np.ndarray]:
@@ -346,15 +348,17 @@ class LanguageModelRuntime(ModelRuntime):
                   include_special: bool) -> NextWordDistribution:
         """The ``top_k`` most probable words of ``log_probs`` [vocab], most probable first (ties by
         vocabulary id); ``<eos>``, ``<unk>`` and ``<pad>`` only when ``include_special``."""
-        scores = log_probs.astype(np.float64)
-        if not include_special:
-            scores[self.special_ids] = -np.inf
-        candidates = int(np.isfinite(scores).sum())
-        k = min(top_k, candidates)
+        ids = self._all_ids if include_special else self._ordinary_ids
+        return NextWordDistribution(context=context, words=self._most_probable(ids, log_probs, top_k))
+
+    def _most_probable(self, ids: np.ndarray, log_probs: np.ndarray, top_k: int) -> list[NextWord]:
+        """The ``top_k`` of ``ids`` most probable in ``log_probs`` [vocab], most probable first (ties
+        by vocabulary id)."""
+        scores = log_probs[ids].astype(np.float64)
+        k = min(top_k, ids.size)
         top = np.argpartition(-scores, k - 1)[:k] if k else np.array([], dtype=np.int64)
-        top = sorted(top.tolist(), key=lambda i: (-scores[i], i))
-        words = [NextWord(self.vocab.tokens[i], math.exp(scores[i]), float(scores[i])) for i in top]
-        return NextWordDistribution(context=context, words=words)
+        top = sorted(top.tolist(), key=lambda i: (-scores[i], ids[i]))
+        return [NextWord(self.vocab.tokens[ids[i]], math.exp(scores[i]), float(scores[i])) for i in top]
 
     def split_last_word(self, text: str) -> tuple[Tokenised, str | None]:
         """``text`` as a context and the word still being typed at its end, normalised like every
@@ -371,10 +375,8 @@ class LanguageModelRuntime(ModelRuntime):
         """The ``top_k`` most probable vocabulary words starting with ``prefix`` in ``log_probs``
         [vocab] (the distribution after ``context``), and the share of the distribution they cover."""
         ids = np.asarray(self.vocab.ids_with_prefix(prefix), dtype=np.int64)
-        scores = log_probs[ids].astype(np.float64)
-        coverage = float(np.exp(scores).sum()) if ids.size else 0.0
-        top = sorted(range(ids.size), key=lambda i: (-scores[i], ids[i]))[:top_k]
-        words = [NextWord(self.vocab.tokens[ids[i]], math.exp(scores[i]), float(scores[i])) for i in top]
+        coverage = float(np.exp(log_probs[ids].astype(np.float64)).sum())
+        words = self._most_probable(ids, log_probs, top_k)
         return NextWordDistribution(context, words, Completion(prefix, int(ids.size), min(1.0, coverage)))
 
     def stop_ids(self, words: Sequence[str]) -> frozenset[int]:

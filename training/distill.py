@@ -34,7 +34,7 @@ from tqdm import tqdm
 from app.text import PAD, UNK, Vocabulary
 from training.checkpoint import cpu_state_dict, require_normaliser, save_checkpoint
 from training.config import DistillConfig, SentimentConfig
-from training.data import DataError, LabelledText, pad_batch, read_labelled, read_tree_phrases
+from training.data import LabelledText, pad_batch, read_labelled, read_tree_phrases
 from training.report import plot_curves, write_metrics
 from training.sentiment import LABELS, _load_pretrained, build_model
 
@@ -200,5 +200,3 @@ def _agreement(logits: torch.Tensor, examples: Sequence[LabelledText]) -> float:
     labels = torch.tensor([e.label for e in examples])
     return float((logits.argmax(-1) == labels).float().mean()) if len(examples) else math.nan
 
-
-__all__ = ["augmented", "distillation_loss", "train_student", "distill_sentiment", "DataError"]

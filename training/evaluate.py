@@ -25,7 +25,8 @@ def read_version(version_dir: Path) -> Manifest:
         raise DataError(f"not a model-store version ({e}): {version_dir}") from None
 
 
-def _vocabulary(version_dir: Path, manifest: Manifest) -> Vocabulary:
+def read_vocabulary(version_dir: Path, manifest: Manifest) -> Vocabulary:
+    """A version's vocabulary; a DataError naming the file when it cannot be read."""
     try:
         return Vocabulary.load(version_dir / manifest.tokenizer.vocab_file)
     except (OSError, ValueError) as e:
@@ -42,7 +43,7 @@ def _perplexity(version_dir: Path, manifest: Manifest, path: Path, graph: str) -
     """Perplexity of a pre-tokenized corpus (one sentence per line, ``<eos>`` after each),
     read as one stream with batch 1 and the state carried across windows: the test
     convention of Zaremba et al."""
-    vocab = _vocabulary(version_dir, manifest)
+    vocab = read_vocabulary(version_dir, manifest)
     session = _session(version_dir, manifest, graph)
     ids = [i for sentence in read_lm_corpus(path) for i in (*vocab.encode(sentence), vocab.eos_id)]
     stream = np.array([[vocab.eos_id, *ids]], dtype=np.int64)
@@ -61,7 +62,7 @@ def _perplexity(version_dir: Path, manifest: Manifest, path: Path, graph: str) -
 
 def _accuracy(version_dir: Path, manifest: Manifest, path: Path, graph: str) -> dict:
     """Accuracy on an ``stsa.*``-style file (``<label> <tokenized sentence>`` per line)."""
-    vocab = _vocabulary(version_dir, manifest)
+    vocab = read_vocabulary(version_dir, manifest)
     session = _session(version_dir, manifest, graph)
     examples = read_labelled(path, len(manifest.labels))
     correct = 0

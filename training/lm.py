@@ -29,7 +29,6 @@ from training.model import LanguageModel
 from training.report import plot_curves, write_metrics
 
 EVAL_BATCH_SIZE = 10
-ARCHITECTURE_FIELDS = ("layers", "hidden_size", "embedding_size", "tied")
 SCHEDULE_FIELDS = frozenset({"epochs", "lr", "lr_decay", "decay_after", "max_grad_norm"})
 DEFAULT_NORMALISER = "ptb"
 _NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)  # full precision: every call passes through
@@ -291,7 +290,7 @@ def _initial_weights(
 ) -> tuple[dict, LMConfig, Vocabulary, str]:
     """The weights, config (architecture from the version), vocabulary and normaliser for a run
     started from a model-store version; a DataError if the options contradict the version."""
-    from training.warmstart import architecture_conflicts, language_model_weights
+    from training.warmstart import ARCHITECTURE_FIELDS, architecture_conflicts, language_model_weights
 
     state, architecture, vocab, version_normaliser = language_model_weights(version_dir)
     conflicts = architecture_conflicts(overrides, architecture)

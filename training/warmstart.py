@@ -22,8 +22,10 @@ from onnx import numpy_helper
 from app.manifest import FULL
 from app.text import Vocabulary
 from training.data import DataError
-from training.evaluate import read_version
+from training.evaluate import read_version, read_vocabulary
 
+# What the weights fix; a run started from them may change anything else (dropout, the schedule).
+ARCHITECTURE_FIELDS = ("layers", "hidden_size", "embedding_size", "tied")
 # PyTorch gate blocks (i, f, g, o) taken from ONNX blocks (i, o, f, c).
 _TORCH_FROM_ONNX_GATES = (0, 2, 3, 1)
 
@@ -35,14 +37,13 @@ def _gates_to_torch(weight: np.ndarray, hidden: int) -> np.ndarray:
 
 def language_model_weights(version_dir: Path) -> tuple[dict[str, torch.Tensor], dict, Vocabulary, str]:
     """The `LanguageModel` state dict held by a language-model version's ``full`` graph, the
-    version's architecture (manifest ``architecture``), vocabulary and normaliser.
+    architecture it implies (`ARCHITECTURE_FIELDS`), the version's vocabulary and normaliser.
 
     A DataError when the directory is not a language-model version or its graph is not the
     shape the exporter writes."""
     manifest = read_version(version_dir)
     if manifest.task != "language-model":
         raise DataError(f"{version_dir} is a {manifest.task} model, not a language model")
-    architecture = manifest.architecture or {}
     graph = onnx.load(str(version_dir / manifest.graphs[FULL].file), load_external_data=True).graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose"}
@@ -69,19 +70,17 @@ def language_model_weights(version_dir: Path) -> tuple[dict[str, torch.Tensor], 
         raise DataError(f"{version_dir}: cannot find the decoder's weights in the {FULL} graph")
     state["decoder.bias"] = torch.from_numpy(initializers["decoder.bias"].copy())
 
-    vocab = Vocabulary.load(version_dir / manifest.tokenizer.vocab_file)
     architecture = {
         "layers": len(lstms),
         "hidden_size": state["lstm.weight_hh_l0"].shape[1],
         "embedding_size": state["embedding.weight"].shape[1],
         "tied": state["decoder.weight"] is state["embedding.weight"],
-        "dropout": architecture.get("dropout", 0.0),
     }
-    return state, architecture, vocab, manifest.tokenizer.normaliser
+    return state, architecture, read_vocabulary(version_dir, manifest), manifest.tokenizer.normaliser
 
 
 def architecture_conflicts(options: dict, architecture: dict) -> list[str]:
     """The options given explicitly (``--hidden-size`` …) that contradict a version's architecture."""
     return [f"--{key.replace('_', '-')} {options[key]} (the version has {architecture[key]})"
-            for key in ("layers", "hidden_size", "embedding_size", "tied")
+            for key in ARCHITECTURE_FIELDS
             if key in options and options[key] != architecture[key]]
