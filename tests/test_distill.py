@@ -73,6 +73,29 @@ def test_a_student_trained_on_soft_labels_moves_towards_the_teacher():
     assert history[-1]["train_mse"] < history[0]["train_mse"]
 
 
+def test_a_student_past_its_deadline_stops_at_the_next_evaluation():
+    texts = sentences(200, 4)
+    vocab = Vocabulary.build(texts, specials=(PAD, UNK))
+    dev = [LabelledText(t, int(rule_teacher([t])[0].argmax())) for t in sentences(20, 5)]
+    config = SentimentConfig(embedding_size=8, hidden_size=8, epochs=3, batch_size=20, evals_per_epoch=2)
+    kept = []
+    _, history = train_student(config, texts, rule_teacher(texts), dev, vocab, 2,
+                               on_best=lambda model, point: kept.append(point), deadline=0.0)
+    assert [h["epoch"] for h in history] == [0.5]
+    assert kept == history
+
+
+def test_a_local_copy_of_the_encoder_replaces_the_extra(tmp_path, monkeypatch):
+    from training.data import DataError
+    from training.embeddings import ENCODER_DIR_VARIABLE, minilm_path
+
+    monkeypatch.setenv(ENCODER_DIR_VARIABLE, str(tmp_path))
+    with pytest.raises(DataError, match="not a model folder"):
+        minilm_path()
+    (tmp_path / "config.json").write_text("{}")
+    assert minilm_path() == str(tmp_path)
+
+
 @pytest.fixture
 def sst_files(tmp_path):
     train = sentences(60, 2)

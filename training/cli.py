@@ -13,7 +13,7 @@ from app.manifest import FULL
 from app.text import NORMALISERS
 from training.config import LM_PRESETS, SENTIMENT_PRESETS, DistillConfig, LMConfig, SentimentConfig, with_overrides
 from training.data import DataError
-from training.distributed import DEVICES, launch_command, lost_contact, rank_label, start
+from training.distributed import DEVICES, choose_device, launch_command, lost_contact, rank_label, start
 from training.export import ExportError
 
 EXIT_BAD_INPUT = 2
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--normaliser", choices=sorted(NORMALISERS), default="sst",
                          help="how the service maps raw text to the corpus's tokens (default: sst)")
     _add_threads_option(distill)
+    distill.add_argument("--device", choices=DEVICES, default="auto",
+                         help="where the teacher and the student train: auto (CUDA when PyTorch sees a GPU, else "
+                         "the CPU), cpu or cuda; on CUDA the teacher runs in bfloat16 autocast (default: auto)")
+    distill.add_argument("--max-minutes", type=float, default=None,
+                         help="the run's wall time: the student stops at its first dev evaluation past it and the run "
+                         "finishes with the best student so far (the teacher's stages always complete)")
     _add_config_options(distill, DistillConfig, {"default": DistillConfig()})
     _add_config_options(distill, SentimentConfig, SENTIMENT_PRESETS)
 
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
             distill_sentiment(with_overrides(SENTIMENT_PRESETS["default"], vars(args)),
                               with_overrides(DistillConfig(), vars(args)), args.train, args.dev, args.trees,
-                              args.run_dir, command, args.normaliser)
+                              args.run_dir, command, args.normaliser, device=choose_device(args.device),
+                              max_minutes=args.max_minutes)
         elif args.command == "export":
             from training.export import export_run
 

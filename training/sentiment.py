@@ -23,7 +23,7 @@ from app.text import PAD, UNK, Vocabulary
 from training.checkpoint import cpu_state_dict, load_checkpoint, require_normaliser, save_checkpoint
 from training.config import SentimentConfig
 from training.data import DataError, LabelledText, pad_batch, read_labelled, read_tree_phrases
-from training.distributed import SINGLE_PROCESS, Worker
+from training.distributed import CPU, SINGLE_PROCESS, Worker
 from training.model import SentimentClassifier
 from training.report import plot_curves, write_metrics
 
@@ -131,7 +131,7 @@ def train_sentiment(
         vocab.save(run_dir / "vocab.txt")
     model = build_model(config, vocab, num_classes)
     if config.pretrained:
-        _load_pretrained(model, vocab, config)
+        _load_pretrained(model, vocab, config, worker.device)
     model.embedding.weight.requires_grad_(not config.freeze_embeddings)
     model.to(worker.device)
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=config.lr,
@@ -210,12 +210,13 @@ def train_sentiment(
     return metrics
 
 
-def _load_pretrained(model: SentimentClassifier, vocab: Vocabulary, config: SentimentConfig) -> None:
+def _load_pretrained(model: SentimentClassifier, vocab: Vocabulary, config: SentimentConfig,
+                     device: torch.device = CPU) -> None:
     if config.pretrained != "minilm":
         raise DataError(f"unknown pretrained vectors {config.pretrained!r}; known: minilm")
     from training.embeddings import minilm_word_vectors
 
-    vectors = minilm_word_vectors(vocab.tokens)
+    vectors = minilm_word_vectors(vocab.tokens, device=str(device))
     if vectors.size(1) != config.embedding_size:
         raise DataError(f"minilm vectors have {vectors.size(1)} dimensions; pass --embedding-size {vectors.size(1)}")
     with torch.no_grad():

