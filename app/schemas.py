@@ -290,7 +290,7 @@ class SentimentResult(_Response):
 
 class SentimentResponse(_Response):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "model": {"name": "sst2-sentiment", "version": 1},
+        "model": {"name": "sst2-sentiment", "version": 2},
         "precision": "float32",
         "labels": ["negative", "positive"],
         "results": [{"index": 0, "label": "positive", "probabilities": {"negative": 0.04, "positive": 0.96},
