@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Finer around the admission bound (500 ms by default), whose keeping these measure.
-ADMITTED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 2.5, 5.0, 10.0)
+ADMITTED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.525, 0.55, 0.6, 0.7, 0.8,
+                    1.0, 1.5, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SNAPSHOT_SECONDS = 1.0

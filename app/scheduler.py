@@ -85,10 +85,25 @@ class Admission:
     Work is measured in token positions; what a position costs is learnt per model, kind of call
     and precision from the calls that ran (an exponential moving average of seconds per position; under
     load, of the time between back-to-back calls, so both batching's savings and the event loop's share
-    count), starting from ``PRIOR_SECONDS_PER_POSITION``."""
+    count), starting from ``PRIOR_SECONDS_PER_POSITION``.
+
+    The sum of the costs still misses what they do not see (a request's rows split over several calls,
+    the event loop's turns between them, timer jitter), and what the bound promises is a high percentile
+    of the real wait, not its mean. So the expectation is **calibrated**: ``calibration`` tracks the
+    ``CALIBRATION_QUANTILE`` of (time a request spent in the scheduler) / (the sum of costs it was
+    admitted behind, its own included), learnt from requests that queued (expected at least
+    ``CALIBRATION_MIN_SECONDS``) by a multiplicative stochastic-quantile update, and the expected wait
+    is the sum of costs times it. Requests still in the scheduler count at once: when one has already
+    spent more than its expectation times the calibration (the first half-second of a flood, when the
+    event loop is busy with hundreds of new connections and nothing has finished to learn from), its
+    ratio so far is used instead."""
 
     PRIOR_SECONDS_PER_POSITION = 2e-4  # a 10k-word softmax position on one core, rounded up
     SMOOTHING = 0.5  # a flood must be measured within a few calls: costs under load are several times higher
+    CALIBRATION_QUANTILE = 0.98
+    CALIBRATION_STEP = 0.05  # a ratio above the estimate raises it by 4.9%, one below lowers it by 0.1%
+    CALIBRATION_MIN_SECONDS = 0.02  # below this a request hardly queued: its ratio is jitter
+    CALIBRATION_LIMITS = (0.5, 4.0)
 
     def __init__(self, max_wait: float, observe: Callable[[str, float], None] | None = None):
         self.max_wait = max_wait
@@ -98,6 +113,9 @@ class Admission:
         self.oldest_queued_age: Callable[[], float] = lambda: 0.0
         self.queued_seconds = 0.0  # expected onnxruntime time of admitted, unfinished work
         self.outstanding = 0  # admitted requests not yet answered
+        self.calibration = 1.0  # the high quantile of real over expected time in the scheduler
+        self._in_flight: dict[int, tuple[float, float]] = {}  # admitted, calibrating: (admitted at, expected)
+        self._admissions = 0
         self._seconds_per_position: dict[Hashable, float] = {}
 
     def cost(self, kind: Hashable, positions: int) -> float:
@@ -113,9 +131,22 @@ class Admission:
         self._seconds_per_position[kind] = measured if previous is None else (
             previous + self.SMOOTHING * (measured - previous))
 
+    def calibrate(self, expected: float, real: float) -> None:
+        """Learn from a request expected to spend ``expected`` seconds in the scheduler that spent ``real``."""
+        if expected < self.CALIBRATION_MIN_SECONDS:
+            return
+        q, step = self.CALIBRATION_QUANTILE, self.CALIBRATION_STEP
+        factor = 1 + step * q if real / expected > self.calibration else 1 - step * (1 - q)
+        low, high = self.CALIBRATION_LIMITS
+        self.calibration = min(high, max(low, self.calibration * factor))
+
     @property
     def expected_wait(self) -> float:
-        return max(self.queued_seconds, self.oldest_queued_age())
+        factor = self.calibration
+        if self._in_flight:
+            now = time.perf_counter()
+            factor = max(factor, max((now - admitted) / expected for admitted, expected in self._in_flight.values()))
+        return max(self.queued_seconds * factor, self.oldest_queued_age())
 
     def check(self) -> None:
         """Raise `Overloaded` if a request arriving now would wait longer than the bound."""
@@ -130,19 +161,29 @@ class Admission:
             )
 
     @contextmanager
-    def admit(self, cost: float, endpoint: str) -> Iterator[None]:
+    def admit(self, cost: float, endpoint: str, calibrate: bool = True) -> Iterator[None]:
         """Hold a place for a request whose work is expected to take ``cost`` seconds; the time it
-        then spends in the scheduler (waiting, and its own calls) is reported as ``endpoint``'s."""
+        then spends in the scheduler (waiting, and its own calls) is reported as ``endpoint``'s and,
+        with ``calibrate``, teaches `calibrate` (not for work paced by its client, like a stream)."""
         self.check()
         self.queued_seconds += cost
+        expected = self.queued_seconds
         self.outstanding += 1
         admitted = time.perf_counter()
+        self._admissions += 1
+        key = self._admissions
+        if calibrate and expected >= self.CALIBRATION_MIN_SECONDS:
+            self._in_flight[key] = (admitted, expected)
         try:
             yield
         finally:
+            spent = time.perf_counter() - admitted
+            self._in_flight.pop(key, None)
             self.outstanding -= 1
             self.queued_seconds = max(0.0, self.queued_seconds - cost) if self.outstanding else 0.0
-            self._observe(endpoint, time.perf_counter() - admitted)
+            if calibrate:
+                self.calibrate(expected, spent)
+            self._observe(endpoint, spent)
 
 
 @dataclass(frozen=True)
@@ -246,7 +287,7 @@ class Scheduler:
         plan = self.cache.plan(model.cache_key(chosen), model.context_ids(context))
         kind = (model.ref, "step", chosen)
         cost = self.admission.cost(kind, len(plan.ids) - plan.cached + max_tokens)
-        with self.admission.admit(cost, "/generate"), model.in_use():
+        with self.admission.admit(cost, "/generate", calibrate=False), model.in_use():
             prompt = await self._read_prefix(model, chosen, plan, deadline)
             yield Prompt(context, chosen)
             generators = [sample_generator(seed, index) for index in range(n)]

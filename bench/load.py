@@ -88,6 +88,7 @@ class _Connection:
 
     def __init__(self, host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.host, self.reader, self.writer = host, reader, writer
+        self.retry_after: float | None = None  # the last response's Retry-After, in seconds
 
     @classmethod
     async def open(cls, base_url: str) -> _Connection:
@@ -96,12 +97,14 @@ class _Connection:
         return cls(f"{host}:{port}", reader, writer)
 
     async def post(self, path: str, body: bytes) -> int:
-        """The response's status code; the body is read and dropped."""
+        """The response's status code (its ``Retry-After`` in ``retry_after``); the body is read and dropped."""
         self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+        self.retry_after = next((float(line.split(":", 1)[1]) for line in lines
+                                 if line.lower().startswith("retry-after:")), None)
         await self.reader.readexactly(length)
         return int(lines[0].split()[1])
 
@@ -110,9 +113,10 @@ class _Connection:
 
 
 async def python_load(base_url: str, path: str, body: Callable[[random.Random], bytes], concurrency: int,
-                      seconds: float) -> LoadResult:
+                      seconds: float, honour_retry_after: bool = False) -> LoadResult:
     """``concurrency`` keep-alive connections sending ``body(rng)`` to ``path`` for ``seconds``; a
-    connection that was refused or reset is counted under its exception's name in ``statuses``."""
+    connection that was refused or reset is counted under its exception's name in ``statuses``. A
+    client retries at once after a 429, or with ``honour_retry_after`` waits its ``Retry-After`` first."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     deadline = time.perf_counter() + seconds
@@ -131,6 +135,8 @@ async def python_load(base_url: str, path: str, body: Callable[[random.Random], 
                 statuses[str(status)] += 1
                 if status == 200:
                     latencies.append((time.perf_counter() - started) * 1000)
+                elif honour_retry_after and connection.retry_after is not None:
+                    await asyncio.sleep(max(0.0, min(connection.retry_after, deadline - time.perf_counter())))
         except (OSError, asyncio.IncompleteReadError) as e:
             statuses[type(e).__name__] += 1
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import time
 
 import pytest
@@ -111,7 +112,39 @@ def test_admission_refuses_by_expected_wait_with_a_retry_after_from_the_queue():
             pass
     assert refused.value.headers == {"Retry-After": "3"}  # 3.5 s queued: 2.5 s over the bound
     with admission.admit(0.1, "/score"):
-        assert admission.outstanding == 1 and admission.expected_wait == pytest.approx(0.1)
+        # The instant exits above taught the calibration that requests finish sooner than expected.
+        assert admission.calibration < 1
+        assert admission.outstanding == 1 and admission.expected_wait == pytest.approx(0.1 * admission.calibration)
+
+
+def test_admission_calibrates_its_expectation_to_a_high_quantile_of_the_real_time():
+    admission = Admission(max_wait=1.0)
+    rng = random.Random(0)
+    for _ in range(4000):  # real time 1-2x what the costs said, uniformly: the 95th percentile is 1.95x
+        admission.calibrate(0.1, 0.1 * rng.uniform(1.0, 2.0))
+    assert 1.8 <= admission.calibration <= 2.1
+    learnt = admission.calibration
+    admission.calibrate(0.001, 1.0)  # a request that hardly queued says nothing about queueing
+    assert admission.calibration == learnt
+    with admission.admit(0.6, "/score"):
+        assert admission.expected_wait == pytest.approx(0.6 * learnt)
+        with pytest.raises(Overloaded):  # 0.6 s of costs, calibrated, is a wait over the 1 s bound
+            with admission.admit(0.1, "/score"):
+                pass
+    for _ in range(500):
+        admission.calibrate(0.1, 100.0)
+    assert admission.calibration == Admission.CALIBRATION_LIMITS[1]
+
+
+def test_a_request_that_overruns_its_expectation_raises_the_expected_wait_before_it_finishes():
+    admission = Admission(max_wait=1.0)
+    with admission.admit(0.05, "/score"):
+        assert admission.expected_wait == pytest.approx(0.05)
+        time.sleep(0.15)  # three times what it was expected to take, and still not done
+        assert admission.expected_wait >= 0.05 * 3
+    with admission.admit(0.05, "/generate", calibrate=False):  # a stream is paced by its client
+        time.sleep(0.15)
+        assert admission.expected_wait == pytest.approx(0.05 * admission.calibration)
 
 
 def test_admission_learns_what_a_token_position_costs():
