@@ -85,7 +85,11 @@ class Admission:
     Work is measured in token positions; what a position costs is learnt per model, kind of call
     and precision from the calls that ran (an exponential moving average of seconds per position; under
     load, of the time between back-to-back calls, so both batching's savings and the event loop's share
-    count), starting from ``PRIOR_SECONDS_PER_POSITION``.
+    count), starting from ``PRIOR_SECONDS_PER_POSITION``. Once calls of different sizes have been seen,
+    a least-squares fit of a call's time to a fixed part plus a part per position replaces it (`cost`):
+    a call of one-token steps costs far more than a position's worth, and charging its time per
+    position made a cold 20-word prefix look like ~90 ms of work and refused /predict-next at 16
+    connections while requests waited 45 ms.
 
     The sum of the costs still misses what they do not see (a request's rows split over several calls,
     the event loop's turns between them, timer jitter), and what the bound promises is a high percentile
@@ -104,6 +108,8 @@ class Admission:
     CALIBRATION_STEP = 0.05  # a ratio above the estimate raises it by 4.9%, one below lowers it by 0.1%
     CALIBRATION_MIN_SECONDS = 0.02  # below this a request hardly queued: its ratio is jitter
     CALIBRATION_LIMITS = (0.5, 4.0)
+    FIT_DECAY = 0.9  # weight of a call in the per-call + per-position fit, multiplied in at every later call
+    FIT_MIN_SPREAD = 0.25  # the fit is used once the calls' positions vary by this coefficient of variation
 
     def __init__(self, max_wait: float, observe: Callable[[str, float], None] | None = None):
         self.max_wait = max_wait
@@ -117,19 +123,48 @@ class Admission:
         self._in_flight: dict[int, tuple[float, float]] = {}  # admitted, calibrating: (admitted at, expected)
         self._admissions = 0
         self._seconds_per_position: dict[Hashable, float] = {}
+        # Per kind, decayed sums over calls for a least-squares fit of seconds = per call + positions x per
+        # position, and the decayed mean rows per call: a call's fixed part is shared by the rows in it.
+        self._fits: dict[Hashable, list[float]] = {}  # [n, positions, seconds, positions^2, positions*seconds, rows]
 
-    def cost(self, kind: Hashable, positions: int) -> float:
-        """Expected onnxruntime seconds for ``positions`` token positions of ``kind`` of call."""
+    def cost(self, kind: Hashable, positions: int, rows: int = 1) -> float:
+        """Expected onnxruntime seconds for ``rows`` rows of ``positions`` token positions in all of
+        ``kind`` of call: per position plus the rows' share of a call's fixed part once calls of
+        different sizes have been seen (a call of one-token steps costs far more than a position's
+        worth: the event loop, the thread hop, a softmax per row), else per position alone."""
+        fit = self._fit(kind)
+        if fit is not None:
+            per_call, per_position, rows_per_call = fit
+            return positions * per_position + per_call * min(1.0, rows / rows_per_call)
         return positions * self._seconds_per_position.get(kind, self.PRIOR_SECONDS_PER_POSITION)
 
-    def observe(self, kind: Hashable, positions: int, seconds: float) -> None:
-        """Learn from a call that ran ``positions`` token positions of ``kind`` in ``seconds``."""
+    def observe(self, kind: Hashable, positions: int, seconds: float, rows: int = 1) -> None:
+        """Learn from a call that ran ``rows`` rows of ``positions`` token positions in all of
+        ``kind`` in ``seconds``."""
         if positions <= 0:
             return
         measured = seconds / positions
         previous = self._seconds_per_position.get(kind)
         self._seconds_per_position[kind] = measured if previous is None else (
             previous + self.SMOOTHING * (measured - previous))
+        sums = self._fits.setdefault(kind, [0.0] * 6)
+        for i, value in enumerate((1.0, positions, seconds, positions * positions, positions * seconds, rows)):
+            sums[i] = sums[i] * self.FIT_DECAY + value
+
+    def _fit(self, kind: Hashable) -> tuple[float, float, float] | None:
+        """(seconds per call, seconds per position, rows per call) fitted to ``kind``'s recent calls, or
+        None while their sizes have hardly varied."""
+        sums = self._fits.get(kind)
+        if sums is None:
+            return None
+        n, x, y, xx, xy, rows = sums
+        mean = x / n
+        variance = xx / n - mean * mean
+        if variance <= (self.FIT_MIN_SPREAD * mean) ** 2:
+            return None
+        per_position = max(0.0, (xy / n - mean * y / n) / variance)  # 0: size made no difference
+        per_call = max(0.0, y / n - per_position * mean)
+        return per_call, per_position, max(1.0, rows / n)
 
     def calibrate(self, expected: float, real: float) -> None:
         """Learn from a request expected to spend ``expected`` seconds in the scheduler that spent ``real``."""
@@ -345,7 +380,7 @@ class Scheduler:
         plan = plan_scoring(targets, model.eos_id, self.share_prefixes)
         kind = (model.ref, "score", chosen)
         run = partial(model.score_segments, chosen)
-        cost = self.admission.cost(kind, plan.positions)
+        cost = self.admission.cost(kind, plan.positions, len(plan.segments))
         with self.admission.admit(cost, "/score"), model.in_use():
             done: list[SegmentResult] = [None] * len(plan.segments)  # type: ignore[list-item]
             for indices in plan.rounds:
@@ -377,7 +412,7 @@ class Scheduler:
         encoded = model.encode(texts)
         rows = [t.ids for t in encoded]
         kind = (model.ref, "classify", chosen)
-        cost = self.admission.cost(kind, sum(map(len, rows)))
+        cost = self.admission.cost(kind, sum(map(len, rows)), len(rows))
         with self.admission.admit(cost, "/sentiment"), model.in_use():
             probabilities = await self._run(kind, kind, rows, partial(model.classify_rows, chosen), padded=True,
                                             deadline=deadline)
@@ -469,7 +504,7 @@ class Scheduler:
             finished = time.perf_counter()
             cycle = finished - (self._last_finished if back_to_back else started)
             self._last_finished = finished
-            self.admission.observe(queue.kind, sum(_positions(row) for row in rows), cycle)
+            self.admission.observe(queue.kind, sum(_positions(row) for row in rows), cycle, len(rows))
         except Exception as e:  # every request of the group gets the failure
             for request in taken:
                 if not request.future.done():

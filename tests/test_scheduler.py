@@ -161,6 +161,24 @@ def test_admission_learns_what_a_token_position_costs():
     assert admission.cost("classify", 1) == pytest.approx(Admission.PRIOR_SECONDS_PER_POSITION)
 
 
+def test_admission_fits_a_fixed_part_per_call_once_call_sizes_vary():
+    admission = Admission(max_wait=1.0)
+    # Calls of four one-token steps take 4 ms (mostly fixed: loop, thread hop, a softmax per row), calls of
+    # four 15-token prefixes 10 ms. Per position alone, a 15-token prefix would be charged ~19 ms.
+    for _ in range(10):
+        admission.observe("step", 4, 0.004, rows=4)
+        admission.observe("step", 60, 0.010, rows=4)
+    per_position = 0.006 / 56
+    per_call = 0.004 - 4 * per_position
+    assert admission.cost("step", 15) == pytest.approx(15 * per_position + per_call / 4, rel=1e-6)
+    assert admission.cost("step", 15, rows=8) == pytest.approx(15 * per_position + per_call, rel=1e-6)
+    # Calls whose size made no difference: all fixed cost, shared by the rows.
+    for _ in range(30):
+        admission.observe("flat", 4, 0.004, rows=4)
+        admission.observe("flat", 60, 0.004, rows=4)
+    assert admission.cost("flat", 100) == pytest.approx(0.001, rel=1e-6)
+
+
 def test_requests_over_the_waiting_bound_are_refused_while_the_others_are_answered(models):
     lm = models.registry.language_model("tiny-lm")
     # Each request is 4 positions ("the stock fell" and <eos>) at the prior cost: the third would wait
