@@ -32,7 +32,7 @@ from app.schemas import (
 REALM = 'Bearer realm="lstm-serve admin"'
 
 
-def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     token = request.app.state.admin_token
     if token is None:
         raise AdminDisabled("the admin API is off; set LSTM_SERVE_ADMIN_TOKEN to turn it on")
@@ -45,7 +45,7 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
                            headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'})
 
 
-def get_watcher(request: Request) -> StoreWatcher:
+async def get_watcher(request: Request) -> StoreWatcher:
     return request.app.state.watcher
 
 
