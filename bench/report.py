@@ -32,6 +32,16 @@ def targets(results: dict) -> list[dict]:
                  "met": batched >= 2 * unbatched})
     rows.append({"target": f"/score sentences/s at concurrency {top}: >= 5x the naive PyTorch baseline",
                  "measured": f"{batched:.0f} vs {naive:.0f}/s = {batched / naive:.2f}x", "met": batched >= 5 * naive})
+    for endpoint, by_concurrency in results.get("reference", {}).items():
+        for concurrency, reference in by_concurrency.items():
+            service = results["service"][endpoint][concurrency]
+            ratio = service["requests_per_s"] / reference["requests_per_s"]
+            goal = 1.5 if endpoint == "/predict-next" and concurrency != "1" else 1.0
+            rows.append({"target": f"{endpoint} req/s at concurrency {concurrency}: >= {goal:g}x the plain "
+                                   "FastAPI + onnxruntime reference",
+                         "measured": f"{service['requests_per_s']:.0f} vs {reference['requests_per_s']:.0f}/s = "
+                                     f"{ratio:.2f}x (p99 {service['p99_ms']:.0f} vs {reference['p99_ms']:.0f} ms)",
+                         "met": ratio >= goal})
     rss = results["memory"]["after_load"]["rss_mb"]
     peak = results["memory"]["after_load_test"]["peak_rss_mb"]
     rows.append({"target": f"service RSS with the models loaded under {RSS_LIMIT_MB:.0f} MB",
@@ -41,8 +51,8 @@ def targets(results: dict) -> list[dict]:
 
 def summary(results: dict) -> str:
     lines = [f"{'endpoint':<14} {'server':<18} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}"]
-    for server in ("service", "service_unbatched", "baseline"):
-        for endpoint, by_concurrency in results[server].items():
+    for server in ("service", "service_unbatched", "reference", "baseline"):
+        for endpoint, by_concurrency in results.get(server, {}).items():
             for concurrency, r in by_concurrency.items():
                 lines.append(f"{endpoint:<14} {server:<18} {concurrency:>4} {r['requests_per_s']:>9.1f} "
                              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
@@ -74,19 +84,20 @@ def save(results: dict, out: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(results, indent=2) + "\n")
 
     figure, (throughput, prefix) = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels, groups = [], {"service": [], "baseline": []}
+    labels, groups = [], {s: [] for s in ("service", "reference", "baseline") if results.get(s)}
     for endpoint in results["service"]:
         for concurrency in results["service"][endpoint]:
             labels.append(f"{endpoint}\nc={concurrency}")
             for server in groups:
                 groups[server].append(results[server][endpoint][concurrency]["requests_per_s"])
-    width = 0.4
+    width = 0.8 / len(groups)
     for offset, (server, values) in enumerate(groups.items()):
         throughput.bar([i + offset * width for i in range(len(labels))], values, width, label=server)
-    throughput.set_xticks([i + width / 2 for i in range(len(labels))], labels, fontsize=8)
+    throughput.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(labels))], labels, fontsize=8)
     throughput.set_ylabel("requests/s")
-    throughput.set_title("throughput: service vs naive PyTorch baseline")
+    throughput.set_title("throughput: service vs plain FastAPI + onnxruntime vs naive PyTorch")
     throughput.legend()
+    width = 0.4
     lengths = list(results["prefix_cache"])
     for offset, kind in enumerate(("warm", "cold")):
         prefix.bar([i + offset * width for i in range(len(lengths))],

@@ -1,5 +1,6 @@
-"""One benchmark run: the service (batching on, then off), the naive PyTorch baseline and the
-in-process onnxruntime floor over the same store and request mix, the prefix-cache experiment and
+"""One benchmark run: the service (batching on, then off), the plain FastAPI + onnxruntime reference
+(``bench.reference``), the naive PyTorch baseline and the in-process onnxruntime floor over the same
+store and request mix, the prefix-cache experiment and
 the service's memory; the figures set against the issue's targets."""
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def run_benchmark(options: Options) -> dict:
         "options": {"store": str(options.store), "seconds": options.seconds, "concurrency": list(options.concurrency),
                     "threads": options.threads, "client": options.client,
                     "service_python": options.service_python},
-        "service": {}, "service_unbatched": {}, "baseline": {},
+        "service": {}, "service_unbatched": {}, "reference": {}, "baseline": {},
     }
     with running("app", options.store, env, python=options.service_python) as server:
         results["memory"] = {"after_load": server.rss_mb()}
@@ -165,6 +166,11 @@ def run_benchmark(options: Options) -> dict:
                  python=options.service_python) as server:
         results["service_unbatched"]["/score"] = {str(c): _load(server.base_url, options, mixes["/score"], c)
                                                   for c in options.concurrency}
+    with running("bench.reference", options.store, env, python=options.service_python) as server:
+        for endpoint in ENDPOINTS:
+            results["reference"][endpoint] = {str(c): _load(server.base_url, options, mixes[endpoint], c)
+                                              for c in options.concurrency}
+        results["memory"]["reference_after_load_test"] = server.rss_mb()
     with running("bench.baseline", options.store, env) as server:
         for endpoint in ENDPOINTS:
             results["baseline"][endpoint] = {str(c): _load(server.base_url, options, mixes[endpoint], c)

@@ -1,4 +1,4 @@
-"""``python -m bench`` end to end with tiny counts on the tiny store: both servers start, every
+"""``python -m bench`` end to end with tiny counts on the tiny store: every server starts, every
 measurement is taken, and the JSON and the chart are written. The Python load client is used, so
 wrk need not be installed."""
 
@@ -13,7 +13,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_saves_json_and_chart(tiny_
     results = main(["--store", str(tiny_store), "--seconds", "0.1", "--concurrency", "4",
                     "--prefix-lengths", "1", "20", "--prefix-repeats", "2", "--client", "python",
                     "--threads", "1", "--out", str(tmp_path)])
-    for server in ("service", "baseline"):
+    for server in ("service", "reference", "baseline"):
         for endpoint in ("/predict-next", "/score", "/sentiment"):
             measured = results[server][endpoint]["4"]
             assert measured["requests"] > 0 and measured["errors"] == 0, (server, endpoint)
@@ -22,7 +22,9 @@ def test_a_tiny_benchmark_run_measures_everything_and_saves_json_and_chart(tiny_
     assert set(results["prefix_cache"]) == {"1", "20"}
     assert results["floor"]["/score"]["batch32_sentences_per_s"] > 0
     assert 0 < results["memory"]["after_load"]["rss_mb"] < 1000
-    assert len(results["targets"]) == 4  # the concurrency-1 target needs a concurrency-1 run
+    # The concurrency-1 target needs a concurrency-1 run; one ratio to the reference per endpoint.
+    assert len(results["targets"]) == 4 + 3
+    assert any(row["target"].startswith("/predict-next req/s at concurrency 4: >= 1.5x") for row in results["targets"])
     (saved,) = tmp_path.glob("bench-*.json")
     assert json.loads(saved.read_text())["targets"] == results["targets"]
     assert saved.with_suffix(".png").stat().st_size > 1000
