@@ -83,20 +83,24 @@ def save(results: dict, out: Path) -> tuple[Path, Path]:
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
 
-    figure, (throughput, prefix) = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels, groups = [], {s: [] for s in ("service", "reference", "baseline") if results.get(s)}
-    for endpoint in results["service"]:
-        for concurrency in results["service"][endpoint]:
-            labels.append(f"{endpoint}\nc={concurrency}")
-            for server in groups:
-                groups[server].append(results[server][endpoint][concurrency]["requests_per_s"])
-    width = 0.8 / len(groups)
-    for offset, (server, values) in enumerate(groups.items()):
-        throughput.bar([i + offset * width for i in range(len(labels))], values, width, label=server)
-    throughput.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(labels))], labels, fontsize=8)
-    throughput.set_ylabel("requests/s")
-    throughput.set_title("throughput: service vs plain FastAPI + onnxruntime vs naive PyTorch")
-    throughput.legend()
+    endpoints = list(results["service"])
+    figure, axes = plt.subplots(1, len(endpoints) + 1, figsize=(5 * (len(endpoints) + 1), 4.5))
+    for throughput, endpoint in zip(axes, endpoints, strict=False):
+        for server, style in (("service", "o-"), ("reference", "s--"), ("baseline", "^:")):
+            if not results.get(server, {}).get(endpoint):
+                continue
+            measured = results[server][endpoint]
+            connections = sorted(measured, key=int)
+            throughput.plot([int(c) for c in connections], [measured[c]["requests_per_s"] for c in connections],
+                            style, label={"reference": "plain FastAPI + onnxruntime",
+                                          "baseline": "naive PyTorch"}.get(server, server))
+        throughput.set_xscale("log", base=2)
+        throughput.set_xlabel("connections")
+        throughput.set_ylabel("requests/s")
+        throughput.set_ylim(bottom=0)
+        throughput.set_title(f"{endpoint} throughput")
+        throughput.legend(fontsize=8)
+    prefix = axes[-1]
     width = 0.4
     lengths = list(results["prefix_cache"])
     for offset, kind in enumerate(("warm", "cold")):
