@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         description="Prefix-state cache bound in bytes (LSTM state + next-word distribution per cached prefix); "
         "0 disables it.",
     )
+    cache_split_last_word: bool = Field(
+        False,
+        description="Read a new prefix's last word as a step of its own, so the state before it is cached too: "
+        "for clients that resend the text with only its last word changed and do not use complete_last_word. "
+        "Costs a second onnxruntime call on every prefix not seen before.",
+    )
     batching: bool = Field(
         True, description="Group work from requests that arrive together into shared onnxruntime calls.",
     )

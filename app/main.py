@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     once they are verified, self-tested and warm."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
-    cache = PrefixStateCache(settings.cache_bytes)
+    cache = PrefixStateCache(settings.cache_bytes, settings.cache_split_last_word)
     metrics.watch_cache(cache)
     registry = ModelRegistry(
         settings.model_store, settings.intra_op_threads, settings.max_text_tokens, metrics.inference_observer,

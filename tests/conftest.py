@@ -131,12 +131,13 @@ def models(tiny_store: Path) -> RecordedModels:
 
 def scheduled(work: Callable[[Scheduler], list], *, batching: bool = True, max_size: int = 32,
               max_wait: float = 0.05, cache_bytes: int = 0, max_queue_wait: float = 60.0,
-              timeout: float = 60.0) -> list[Any]:
+              timeout: float = 60.0, split_last_word: bool = False) -> list[Any]:
     """Start every request of ``work(scheduler)`` at once on a fresh scheduler and return their
     answers in order (an exception where a request failed)."""
 
     async def main() -> list[Any]:
-        scheduler = Scheduler(Admission(max_queue_wait), PrefixStateCache(cache_bytes), batching=batching,
+        scheduler = Scheduler(Admission(max_queue_wait), PrefixStateCache(cache_bytes, split_last_word),
+                              batching=batching,
                               max_size=max_size, max_wait=max_wait, timeout=timeout)
         try:
             return await asyncio.gather(*work(scheduler), return_exceptions=True)

@@ -60,7 +60,8 @@ def test_a_zero_byte_cache_is_disabled():
     assert cache.stats().entries == 0
 
 
-def distributions(models, texts: list[str], precision: str, cache_bytes: int) -> list[dict[str, float]]:
+def distributions(models, texts: list[str], precision: str, cache_bytes: int,
+                  split_last_word: bool = False) -> list[dict[str, float]]:
     """The next-word distributions after ``texts``, asked one after another of one scheduler (so
     each can find the ones before it in the cache)."""
     lm = models.registry.language_model("tiny-lm")
@@ -71,7 +72,7 @@ def distributions(models, texts: list[str], precision: str, cache_bytes: int) ->
             result, _ = await scheduler.predict_next(lm, text, 100, True, precision)
             results.append({w.word: w.log_prob for w in result.words})
 
-    scheduled(lambda scheduler: [one_by_one(scheduler)], cache_bytes=cache_bytes)
+    scheduled(lambda scheduler: [one_by_one(scheduler)], cache_bytes=cache_bytes, split_last_word=split_last_word)
     return results
 
 
@@ -83,14 +84,15 @@ TOLERANCE = {"float32": 1e-5, "int8": 2e-2}
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_growing_prefixes_give_the_uncached_answer(models, precision):
+    """With ``split_last_word`` (LSTM_SERVE_CACHE_SPLIT_LAST_WORD)."""
     words = "the company said it expects the stock fell in the market".split()
     texts = [" ".join(words[:n]) for n in range(len(words) + 1)]  # an autocomplete client: one more word each time
     texts += ["the company said it expects the stock fell in the market",  # exact hit
               "the company said it expects shares of the new year",  # a shorter prefix, several new tokens
               "the company said it will"]  # the prefix minus its last word is cached, another last word
-    cached = distributions(models, texts, precision, cache_bytes=1 << 20)
+    cached = distributions(models, texts, precision, cache_bytes=1 << 20, split_last_word=True)
     calls_cached = len(models.calls)
-    uncached = distributions(models, texts, precision, cache_bytes=0)
+    uncached = distributions(models, texts, precision, cache_bytes=0, split_last_word=True)
     # Cached, each keystroke runs only its new word (15 calls); uncached, each prefix runs in two (29).
     assert calls_cached < 0.6 * (len(models.calls) - calls_cached)
     for text, got, expected in zip(texts, cached, uncached, strict=True):
@@ -109,8 +111,11 @@ def test_a_prefix_extending_a_cached_one_runs_only_its_new_tokens(models):
             models.calls.clear()
 
     scheduled(lambda scheduler: [keystrokes(scheduler)], cache_bytes=1 << 20)
-    # Cold: the prefix minus its last word, then the last word, both on the last-position graph;
-    # then only the new word; then nothing.
+    # Cold: the prefix in one call on the last-position graph; then only the new word; then nothing.
+    assert calls == [[("last", 1)], [("last", 1)], []]
+    calls.clear()
+    scheduled(lambda scheduler: [keystrokes(scheduler)], cache_bytes=1 << 20, split_last_word=True)
+    # Split: the prefix minus its last word, then the last word; then only the new word; then nothing.
     assert calls == [[("last", 1), ("last", 1)], [("last", 1)], []]
 
 
@@ -127,3 +132,17 @@ def test_cache_counters_are_in_metrics(tiny_store):
     assert values["lstm_serve_prefix_cache_evictions_total"] == 0
     assert 0 < values["lstm_serve_prefix_cache_bytes"] <= 1 << 20
     assert values["lstm_serve_prefix_cache_max_bytes"] == 1 << 20
+
+
+def test_by_default_a_new_prefix_is_one_call_and_extending_it_reads_only_the_new_words(models):
+    texts = ["the company said it expects", "the company said it expects the stock", "the company said"]
+    cached = distributions(models, texts, "float32", cache_bytes=1 << 20)
+    # One call per request: the first reads 6 positions (<eos> and five words), the second only its 2 new
+    # words, the third (a prefix of a cached prefix, never cached itself) its 4.
+    assert len(models.calls) == 3
+    models.calls.clear()
+    uncached = distributions(models, texts, "float32", cache_bytes=0)
+    assert len(models.calls) == 3
+    for text, got, expected in zip(texts, cached, uncached, strict=True):
+        assert got.keys() == expected.keys()
+        assert all(abs(got[w] - expected[w]) <= TOLERANCE["float32"] for w in got), text

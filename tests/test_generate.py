@@ -137,11 +137,10 @@ def test_samples_step_together_one_token_per_call(models):
     (found,) = scheduled(lambda scheduler: [collect(scheduler)])
     assert isinstance(found[0], Prompt) and found[0].context.tokens == ["the", "company"]
     steps = models.rows("last")
-    # The prompt is two calls (its last token on its own, so that the state before it is cached),
-    # then one call per token for every sample still writing (none for the last token): greedy
-    # samples are identical, so all four step together.
+    # The prompt is one call, then one call per token for every sample still writing (none for the
+    # last token): greedy samples are identical, so all four step together.
     tokens = sum(isinstance(event, GeneratedToken) for event in found) // 4
-    assert steps == [1, 1] + [4] * min(tokens, 4), steps
+    assert steps == [1] + [4] * min(tokens, 4), steps
 
 
 def test_closing_the_generator_stops_its_steps(models):
