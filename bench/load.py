@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -121,8 +122,8 @@ async def python_load(base_url: str, path: str, body: Callable[[random.Random], 
     statuses: Counter[str] = Counter()
     deadline = time.perf_counter() + seconds
 
-    async def worker(seed: int) -> None:
-        rng = random.Random(seed)
+    async def worker(index: int) -> None:
+        rng = random.Random(run_seed(path, concurrency) + index)
         try:
             connection = await _Connection.open(base_url)
         except OSError as e:
@@ -143,11 +144,18 @@ async def python_load(base_url: str, path: str, body: Callable[[random.Random], 
             connection.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker(seed) for seed in range(concurrency)))
+    await asyncio.gather(*(worker(index) for index in range(concurrency)))
     elapsed = time.perf_counter() - started
     p50, p99 = np.percentile(latencies, [50, 99]).tolist() if latencies else (float("nan"), float("nan"))
     errors = sum(statuses.values()) - len(latencies)
     return LoadResult(len(latencies), errors, elapsed, len(latencies) / elapsed, p50, p99, "python", dict(statuses))
+
+
+def run_seed(path: str, concurrency: int) -> int:
+    """The texts' random seed for one load run: the same for every server measured at this endpoint and
+    concurrency (a fair comparison), different for each concurrency, so that a run never sends the
+    prefixes of an earlier run to a server that has cached them."""
+    return zlib.crc32(f"{path} {concurrency}".encode())
 
 
 LUA = """
@@ -156,7 +164,9 @@ local template = %(template)s
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 
+local seeded = false
 function setup(thread)
+  if not seeded then math.randomseed(%(seed)d); seeded = true end
   thread:set("seed", math.random(1, 1000000))
 end
 
@@ -186,6 +196,7 @@ def _wrk(base_url: str, workload: Workload, concurrency: int, seconds: float) ->
         "template": json.dumps(workload.template),
         "min_words": workload.min_words,
         "max_words": workload.max_words,
+        "seed": run_seed(workload.path, concurrency),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
