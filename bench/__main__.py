@@ -21,7 +21,7 @@ from bench.faults import run_overload, table
 from bench.nbest import run_nbest
 from bench.nbest import table as nbest_table
 from bench.report import save, summary, targets
-from bench.run import Options, run_benchmark
+from bench.run import Options, run_benchmark, run_workers_threads, workers_threads_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVING_PYTHON = Path(__file__).resolve().parent.parent / ".venv-serve" / "bin" / "python"
@@ -45,6 +45,9 @@ def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--nbest", action="store_true",
                         help="instead of the speed benchmark, n-best rescoring with and without prefix sharing "
                         "(bench/nbest.py, in process)")
+    parser.add_argument("--workers-threads", action="store_true",
+                        help="instead of the speed benchmark, the service as 1 worker x 2 onnxruntime threads and as "
+                        "2 workers x 1 thread at each --concurrency (prints a table)")
     parser.add_argument("--nbest-lists", type=int, default=50, help="n-best lists of the --nbest run")
     parser.add_argument("--valid", type=Path, default=Path("../shared/data/ptb/ptb.valid.txt"),
                         help="sentences the --nbest lists are made from (default: PTB validation)")
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {args.valid} not found; give --valid FILE (one sentence per line)")
         results = run_nbest(options.store, args.valid, args.nbest_lists, options.threads)
         return _report(results, out / f"nbest-{time.strftime('%Y%m%dT%H%M%S')}.json", nbest_table(results))
+    if args.workers_threads:
+        results = run_workers_threads(options)
+        return _report(results, out / f"workers-threads-{results['started']}.json", workers_threads_table(results))
     results = run_benchmark(options)
     results["targets"] = targets(results)
     json_path, png_path = save(results, out)

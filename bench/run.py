@@ -178,3 +178,36 @@ def run_benchmark(options: Options) -> dict:
         results["memory"]["baseline_after_load_test"] = server.rss_mb()
     results["floor"] = in_process_floor(options, mixes)
     return results
+
+
+LAYOUTS = ((1, 2), (2, 1))  # worker processes x onnxruntime threads per worker, on two cores
+
+
+def run_workers_threads(options: Options) -> dict:
+    """The service as 1 worker x 2 onnxruntime threads and as 2 workers x 1 thread, every endpoint at each
+    of ``options.concurrency``: which layout wins where."""
+    mixes = workloads(options.store)
+    results: dict = {"started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ"), "seconds": options.seconds,
+                     "client": options.client, "layouts": {}}
+    for workers, threads in LAYOUTS:
+        env = {"LSTM_SERVE_WORKERS": str(workers), "LSTM_SERVE_INTRA_OP_THREADS": str(threads)}
+        with running("app", options.store, env, python=options.service_python) as server:
+            results["layouts"][f"{workers}x{threads}"] = {
+                endpoint: {str(c): _load(server.base_url, options, mixes[endpoint], c) for c in options.concurrency}
+                for endpoint in ENDPOINTS}
+    return results
+
+
+def workers_threads_table(results: dict) -> str:
+    layouts = list(results["layouts"])
+    lines = ["| endpoint | connections | " + " | ".join(f"{layout} req/s (p99 ms)" for layout in layouts)
+             + f" | {layouts[-1]} / {layouts[0]} |", "|---|---:|" + "---:|" * (len(layouts) + 1)]
+    first = results["layouts"][layouts[0]]
+    for endpoint, by_concurrency in first.items():
+        for concurrency in by_concurrency:
+            cells = [results["layouts"][layout][endpoint][concurrency] for layout in layouts]
+            ratio = cells[-1]["requests_per_s"] / cells[0]["requests_per_s"]
+            lines.append(f"| `{endpoint}` | {concurrency} | "
+                         + " | ".join(f"{c['requests_per_s']:.0f} ({c['p99_ms']:.0f})" for c in cells)
+                         + f" | {ratio:.2f}x |")
+    return "\n".join(lines)

@@ -28,3 +28,14 @@ def test_a_tiny_benchmark_run_measures_everything_and_saves_json_and_chart(tiny_
     (saved,) = tmp_path.glob("bench-*.json")
     assert json.loads(saved.read_text())["targets"] == results["targets"]
     assert saved.with_suffix(".png").stat().st_size > 1000
+
+
+def test_the_workers_by_threads_run_measures_both_layouts(tiny_store, tmp_path):
+    from bench.__main__ import main
+
+    results = main(["--workers-threads", "--store", str(tiny_store), "--seconds", "0.1", "--concurrency", "2",
+                    "--client", "python", "--out", str(tmp_path)])
+    assert set(results["layouts"]) == {"1x2", "2x1"}
+    for layout in results["layouts"].values():
+        assert all(layout[endpoint]["2"]["requests"] > 0 for endpoint in ("/predict-next", "/score", "/sentiment"))
+    assert len(list(tmp_path.glob("workers-threads-*.json"))) == 1
