@@ -120,8 +120,7 @@ class Admission:
         self.queued_seconds = 0.0  # expected onnxruntime time of admitted, unfinished work
         self.outstanding = 0  # admitted requests not yet answered
         self.calibration = 1.0  # the high quantile of real over expected time in the scheduler
-        self._in_flight: dict[int, tuple[float, float]] = {}  # admitted, calibrating: (admitted at, expected)
-        self._admissions = 0
+        self._in_flight: dict[object, tuple[float, float]] = {}  # admitted, calibrating: (admitted at, expected)
         self._seconds_per_position: dict[Hashable, float] = {}
         # Per kind, decayed sums over calls for a least-squares fit of seconds = per call + positions x per
         # position, and the decayed mean rows per call: a call's fixed part is shared by the rows in it.
@@ -205,8 +204,7 @@ class Admission:
         expected = self.queued_seconds
         self.outstanding += 1
         admitted = time.perf_counter()
-        self._admissions += 1
-        key = self._admissions
+        key = object()  # this admission, in _in_flight
         if calibrate and expected >= self.CALIBRATION_MIN_SECONDS:
             self._in_flight[key] = (admitted, expected)
         try:

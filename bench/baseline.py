@@ -14,12 +14,11 @@ import onnx
 import torch
 from fastapi import FastAPI
 from onnx import numpy_helper
-from pydantic import BaseModel
 
-from app.manifest import FULL, PARITY_TOLERANCE, Manifest, load_manifest
+from app.manifest import FULL, PARITY_TOLERANCE, Manifest
 from app.sessions import create_session
-from app.store import discover
 from app.text import Vocabulary, get_normaliser
+from bench.reference import PredictNext, Texts, default_model
 from training.model import LanguageModel, SentimentClassifier
 
 
@@ -114,31 +113,15 @@ def check_parity(directory: Path, manifest: Manifest, model: torch.nn.Module) ->
     return worst
 
 
-class PredictNext(BaseModel):
-    text: str = ""
-    top_k: int = 5
-
-
-class Texts(BaseModel):
-    text: str | None = None
-    texts: list[str] | None = None
-
-
 def create_baseline_app(store: Path) -> FastAPI:
-    """The first language model and the first sentiment model of ``store`` (by name, highest
-    version), in PyTorch, answering /predict-next, /score and /sentiment one request at a time."""
-    manifests = {}
-    for version in discover(store):
-        manifest = load_manifest(version.path)
-        manifests.setdefault(manifest.task, (version.path, manifest))
-        if version.version > manifests[manifest.task][1].version and version.name == manifests[manifest.task][1].name:
-            manifests[manifest.task] = (version.path, manifest)
-    lm_dir, lm_manifest = manifests["language-model"]
+    """The service's default language and sentiment models of ``store``, in PyTorch, answering
+    /predict-next, /score and /sentiment one request at a time."""
+    lm_dir, lm_manifest = default_model(store, "language-model")
     lm = language_model_from_onnx(lm_dir, lm_manifest)
     check_parity(lm_dir, lm_manifest, lm)
     lm_vocab = Vocabulary.load(lm_dir / lm_manifest.tokenizer.vocab_file)
     lm_normalise = get_normaliser(lm_manifest.tokenizer.normaliser)
-    sentiment_dir, sentiment_manifest = manifests["sentiment"]
+    sentiment_dir, sentiment_manifest = default_model(store, "sentiment")
     classifier = sentiment_model_from_onnx(sentiment_dir, sentiment_manifest)
     check_parity(sentiment_dir, sentiment_manifest, classifier)
     sentiment_vocab = Vocabulary.load(sentiment_dir / sentiment_manifest.tokenizer.vocab_file)

@@ -19,11 +19,14 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from app.manifest import FULL, LAST, Manifest, load_manifest
+from app.registry import PREFERRED_MODELS
 from app.store import discover
 from app.text import Vocabulary, get_normaliser
 
 
 class PredictNext(BaseModel):
+    """The request shapes of the benchmark's plain servers (this one and ``bench.baseline``)."""
+
     text: str = ""
     top_k: int = 5
 
@@ -33,8 +36,9 @@ class Texts(BaseModel):
     texts: list[str] | None = None
 
 
-def _highest(store: Path, task: str) -> tuple[Path, Manifest]:
-    """The preferred model of ``task``: the highest version of the first name (as the service picks)."""
+def default_model(store: Path, task: str) -> tuple[Path, Manifest]:
+    """The model the service answers ``task`` with when a request names none: the highest version of
+    the task's preferred name where ``store`` has it, else of the first name."""
     found: dict[str, tuple[Path, Manifest]] = {}
     for version in discover(store):
         manifest = load_manifest(version.path)
@@ -42,7 +46,8 @@ def _highest(store: Path, task: str) -> tuple[Path, Manifest]:
             found[version.name] = (version.path, manifest)
     if not found:
         raise ValueError(f"{store} holds no {task} model")
-    return found[sorted(found)[0]]
+    preferred = PREFERRED_MODELS.get(task)
+    return found[preferred if preferred in found else sorted(found)[0]]
 
 
 def _session(directory: Path, manifest: Manifest, graph: str) -> ort.InferenceSession:
@@ -50,7 +55,7 @@ def _session(directory: Path, manifest: Manifest, graph: str) -> ort.InferenceSe
 
 
 def create_reference_app(store: Path) -> FastAPI:
-    lm_dir, lm_manifest = _highest(store, "language-model")
+    lm_dir, lm_manifest = default_model(store, "language-model")
     lm_vocab = Vocabulary.load(lm_dir / lm_manifest.tokenizer.vocab_file)
     lm_normalise = get_normaliser(lm_manifest.tokenizer.normaliser)
     full = _session(lm_dir, lm_manifest, FULL)
@@ -58,7 +63,7 @@ def create_reference_app(store: Path) -> FastAPI:
     layers, hidden = (int(lm_manifest.architecture[k]) for k in ("layers", "hidden_size"))
     eos = lm_vocab.eos_id
 
-    sentiment_dir, sentiment_manifest = _highest(store, "sentiment")
+    sentiment_dir, sentiment_manifest = default_model(store, "sentiment")
     classifier = _session(sentiment_dir, sentiment_manifest, FULL)
     sentiment_vocab = Vocabulary.load(sentiment_dir / sentiment_manifest.tokenizer.vocab_file)
     sentiment_normalise = get_normaliser(sentiment_manifest.tokenizer.normaliser)
