@@ -115,8 +115,10 @@ class Settings(BaseSettings):
         "a request alone in the service never waits.",
     )
     default_precision: Precision = Field(
-        "float32", description="Graphs a request runs on when it names no precision (int8 where the model has "
-        "int8 graphs, else float32).",
+        "int8", description="Graphs a request runs on when it names no precision: int8 where the model has int8 "
+        "graphs (the language model's output layer in int8 at fixed scales: PTB perplexity 84.060 against 84.059, "
+        "the same top word at 99.4% of positions, measured by `python -m training evaluate --compare-to full`), "
+        "else float32.",
     )
     rescan_seconds: float = Field(
         10.0, ge=0,

@@ -102,10 +102,22 @@ class TensorSpec(_Part):
     shape: list[int | str]
 
 
+# How an int8 graph quantizes its activations: "fixed" scales (a row's answer is the same whatever
+# rows share its call) or scales computed "per-call" from the whole call's values (the answer moves
+# with the call's other rows; what exporters before fixed scales wrote, hence the default).
+ActivationScales = Literal["fixed", "per-call"]
+
+
 class GraphSpec(_Part):
     file: str
     precision: Precision = "float32"
     quantized_from: str | None = None  # int8 graphs: the float graph they were quantized from
+    activation_scales: ActivationScales | None = None  # int8 graphs; None (float graphs, old int8 ones)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether a row's outputs are independent of the other rows of its call."""
+        return self.precision == "float32" or self.activation_scales == "fixed"
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
 

@@ -5,6 +5,7 @@ turns their results into answers. ``app.scheduler`` decides which rows share a c
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -22,6 +23,8 @@ from app.manifest import FULL, LAST, PRECISIONS, Precision, Task, graph_name
 from app.sessions import create_session
 from app.store import ModelLoadError, VersionFiles
 from app.text import EOS, PAD, UNK, Vocabulary, get_normaliser
+
+log = logging.getLogger(__name__)
 
 InferenceObserver = Callable[[str, float, int], None]
 """Called after each onnxruntime call with the graph's name, the call's wall time in seconds and
@@ -151,6 +154,12 @@ class ModelRuntime(ABC):
         for name in (graph_name(g, p) for p in PRECISIONS for g in self.graphs):
             graph = manifest.graphs.get(name)
             if graph is None:
+                continue
+            if not graph.deterministic:
+                # A row's answer would move with the rows sharing its call, and batching decides those.
+                log.warning("%s@%s: not serving %s: its activation scales are computed per call, so answers "
+                            "would depend on other requests; export the model again for int8 at fixed scales",
+                            manifest.name, manifest.version, graph.file)
                 continue
             try:
                 self.sessions[name] = create_session(files.directory / graph.file, threads)

@@ -30,9 +30,9 @@ requests under the same key share a call: a queue is dispatched when it holds ``
 when the inference thread falls idle, when its oldest row has waited ``max_wait`` — or at once
 when its request is the only one in the service, so a lone client never waits. One group runs at
 a time; rows that arrive meanwhile form the next, so groups grow with the load. With it off, a
-group is one request's rows. float32 results are identical either way (the row primitives pad so
-that no row sees another). int8 graphs quantize activations with a scale computed per call, so an
-int8 result moves slightly with its call's companions."""
+group is one request's rows. Results are identical either way (the row primitives pad so that no row
+sees another; int8 graphs quantize at fixed scales, and ones that compute scales per call, from all
+of a call's rows, are not served: ``app.runtime``)."""
 
 from __future__ import annotations
 

@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from app.manifest import load_manifest
+from app.sessions import create_session
 from training.cli import EXIT_BAD_INPUT, build_parser, main
 
 PTB_LINES = " the company said it expects N \n mr. <unk> is chairman \n" * 30
@@ -89,10 +91,17 @@ def test_evaluate_reproduces_the_exported_figures_and_refuses_a_bad_version(corp
     version = corpus / "store" / "tiny-lm" / "1"
     assert _run(_export(corpus / "run", corpus / "store", "tiny-lm", "--valid", str(corpus / "valid.txt")),
                 capsys)[0] == 0
-    assert main(["evaluate", str(version), str(corpus / "valid.txt"), "--graph", "full-int8"]) == 0
+    assert main(["evaluate", str(version), str(corpus / "valid.txt"), "--graph", "full-int8",
+                 "--compare-to", "full"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == load_manifest(version).metrics["valid_int8"]
-    assert set(printed) == {"perplexity", "tokens", "file", "graph"} and printed["graph"] == "full-int8"
+    assert printed["graph"] == "full-int8" and printed["compared_to"] == "full"
+    assert 0 <= printed["top1_agreement"] <= 1 and 0 <= printed["top5_agreement"] <= 1
+    assert main(["evaluate", str(version), str(corpus / "valid.txt"), "--graph", "full", "--compare-to", "full"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["top1_agreement"], printed["top5_agreement"]) == (1.0, 1.0)  # a graph agrees with itself
+    code, err = _run(["evaluate", str(version), str(corpus / "valid.txt"), "--compare-to", "half"], capsys)
+    assert code == EXIT_BAD_INPUT and "no 'half' graph" in err
 
     code, err = _run(["evaluate", str(corpus), str(corpus / "valid.txt")], capsys)
     assert code == EXIT_BAD_INPUT and "manifest.json is missing" in err and "Traceback" not in err
@@ -181,7 +190,7 @@ def test_sentiment_run_exports_with_metrics_measured_on_the_graph(tmp_path, caps
     assert manifest["tokenizer"]["normaliser"] == "sst"
     assert manifest["metrics"]["valid"]["examples"] == 2
     assert 0.0 <= manifest["metrics"]["valid"]["accuracy"] <= 1.0
-    assert manifest["metrics"]["valid_int8"]["graph"] == "full-int8"
+    assert "valid_int8" not in manifest["metrics"]  # a classifier has no int8 graph (training/export.py)
     assert manifest["training"]["note"] == "tiny" and manifest["training"]["epochs"] == 2
 
 
@@ -260,3 +269,28 @@ def test_init_from_refuses_what_contradicts_the_version(corpus, capsys):
         code, err = _run(base + options, capsys)
         assert code == EXIT_BAD_INPUT, options
         assert message in err and "Traceback" not in err
+
+
+def test_export_from_version_writes_the_same_weights_again_with_the_training_record(corpus, capsys):
+    assert _run(_train_lm(corpus, "run", "--epochs", "1"), capsys)[0] == 0
+    store = corpus / "store"
+    assert _run(_export(corpus / "run", store, "tiny-lm", "--note", "first"), capsys)[0] == 0
+    again = ["export", "--from-version", str(store / "tiny-lm" / "1"), "--store", str(store), "--name", "tiny-lm",
+             "--valid", str(corpus / "valid.txt")]
+    assert _run(again, capsys)[0] == 0
+    first, second = (load_manifest(store / "tiny-lm" / v) for v in ("1", "2"))
+    assert second.version == 2 and second.graphs["full-int8"].activation_scales == "fixed"
+    for key in ("command", "seed", "epochs", "history", "config"):
+        assert second.training[key] == first.training[key]
+    assert second.training["note"].startswith("first Weights exported again from tiny-lm v1")
+    assert second.metrics["valid_int8"]["compared_to"] == "full"
+    # The float graphs compute what the first version's do.
+    zeros = np.zeros((first.architecture["layers"], 1, 8), dtype=np.float32)
+    feeds = {"tokens": np.array([[1, 2, 3, 4]], dtype=np.int64), "h0": zeros, "c0": zeros}
+    outputs = [create_session(store / "tiny-lm" / v / "model.onnx").run(None, feeds)[0] for v in ("1", "2")]
+    assert np.array_equal(*outputs)
+    # A directory that is not a version is a clear error; --run-dir and --from-version exclude each other.
+    code, err = _run([*again[:2], str(corpus / "run"), *again[3:]], capsys)
+    assert code == EXIT_BAD_INPUT and "not a model-store version" in err
+    with pytest.raises(SystemExit):
+        main([*again, "--run-dir", str(corpus / "run")])

@@ -5,13 +5,14 @@ import json
 import logging
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from app.manifest import Manifest, load_manifest
 from app.sessions import create_session
 from app.text import EOS, PAD, UNK, Vocabulary
-from training.export import ExportError, export_language_model, export_sentiment_model
+from training.export import ExportError, _quantized, export_language_model, export_sentiment_model
 from training.model import LanguageModel, SentimentClassifier
 
 WORDS = "the company said it expects mr. is chairman a gorgeous , witty film dull and tedious 's movie".split()
@@ -125,7 +126,7 @@ def test_written_manifest_validates_and_round_trips(lm_version, sentiment_versio
         assert manifest.to_json() == (path / "manifest.json").read_text()
         assert manifest.tokenizer.normaliser == normaliser and manifest.tokenizer.vocab_size == len(vocab)
     assert set(load_manifest(lm_version[2]).graphs) == {"full", "last", "full-int8", "last-int8"}
-    assert set(load_manifest(sentiment_version[2]).graphs) == {"full", "full-int8"}
+    assert set(load_manifest(sentiment_version[2]).graphs) == {"full"}  # all LSTM: no int8 at fixed scales
     assert load_manifest(sentiment_version[2]).labels == ["negative", "positive"]
 
 
@@ -185,9 +186,10 @@ def test_existing_version_is_never_overwritten_silently(lm_version):
 
 def test_int8_graphs_are_listed_and_close_to_the_float_graph(lm_version):
     _, vocab, path = lm_version
-    manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["graphs"]["full-int8"]["precision"] == "int8"
-    assert manifest["graphs"]["last-int8"]["quantized_from"] == "last"
+    manifest = load_manifest(path)
+    assert manifest.graphs["full-int8"].precision == "int8"
+    assert manifest.graphs["last-int8"].quantized_from == "last"
+    assert manifest.graphs["last-int8"].activation_scales == "fixed"
     tokens = np.array([[0, 2, 3, 4, 5]], dtype=np.int64)
     zeros = np.zeros((2, 1, 12), dtype=np.float32)
     feeds = {"tokens": tokens, "h0": zeros, "c0": zeros}
@@ -195,3 +197,34 @@ def test_int8_graphs_are_listed_and_close_to_the_float_graph(lm_version):
     quantized = create_session(path / "last.int8.onnx").run(None, feeds)[0]
     # Quantization moves the log-probabilities a little, never wildly.
     assert 0 < np.abs(exact - quantized).max() < 0.5
+
+
+@pytest.mark.parametrize("graph", ["model.int8.onnx", "last.int8.onnx"])
+def test_int8_graphs_answer_a_row_the_same_whatever_rows_share_its_call(lm_version, graph):
+    """Fixed activation scales: a row alone and the same row among others get identical outputs."""
+    _, vocab, path = lm_version
+    session = create_session(path / graph)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, len(vocab), (6, 9), dtype=np.int64)
+    states = rng.normal(0, 0.5, (2, 2, 6, 12)).astype(np.float32)
+    together = session.run(None, {"tokens": tokens, "h0": states[0], "c0": states[1]})
+    for row in range(6):
+        alone = session.run(None, {"tokens": tokens[row : row + 1], "h0": states[0][:, row : row + 1],
+                                   "c0": states[1][:, row : row + 1]})
+        assert np.array_equal(alone[0][0], together[0][row])  # log-probabilities, bit for bit
+    ops = {node.op_type for node in onnx.load(str(path / graph), load_external_data=False).graph.node}
+    assert "QuantizeLinear" in ops and not ops & {"DynamicQuantizeLinear", "DynamicQuantizeLSTM"}
+
+
+def test_int8_refuses_an_activation_whose_range_is_unknown(tmp_path):
+    """Only an LSTM's output has a range known without calibration; anything else is an export error."""
+    weights = onnx.numpy_helper.from_array(np.ones((4, 3), dtype=np.float32), "weights")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "weights"], ["y"])], "plain",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])], [weights])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    with pytest.raises(ExportError, match="'x' is not an LSTM's output"):
+        _quantized(proto, tmp_path)
+
+

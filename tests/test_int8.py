@@ -9,14 +9,21 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import post, tiny_settings, wait_until_ready
+from conftest import post, scheduled, tiny_settings, wait_until_ready
 from starlette.testclient import TestClient
 
 from app.main import create_app
 
 
+def test_int8_is_the_default_where_a_model_has_it(client):
+    assert post(client, "/predict-next", {"text": "the company"})["precision"] == "int8"
+    assert post(client, "/score", {"text": "the stock fell"})["precision"] == "int8"
+    assert post(client, "/sentiment", {"text": "a gorgeous , witty film"})["precision"] == "float32"
+
+
 def test_int8_is_chosen_per_request_and_reported(client):
-    float_words = post(client, "/predict-next", {"text": "the company", "top_k": 100, "include_special": True})
+    float_words = post(client, "/predict-next", {"text": "the company", "top_k": 100, "include_special": True,
+                                                 "precision": "float32"})
     int8_words = post(client, "/predict-next", {"text": "the company", "top_k": 100, "include_special": True,
                                                 "precision": "int8"})
     assert (float_words["precision"], int8_words["precision"]) == ("float32", "int8")
@@ -28,16 +35,57 @@ def test_int8_is_chosen_per_request_and_reported(client):
     scored = post(client, "/score", {"text": "the stock fell", "precision": "int8"})
     assert scored["precision"] == "int8" and scored["results"][0]["token_count"] == 4
     assert math.isclose(scored["results"][0]["total_log_prob"],
-                        post(client, "/score", {"text": "the stock fell"})["results"][0]["total_log_prob"], abs_tol=0.5)
+                        post(client, "/score", {"text": "the stock fell", "precision": "float32"})["results"][0][
+                            "total_log_prob"], abs_tol=0.5)
 
-    classified = post(client, "/sentiment", {"text": "a gorgeous , witty film", "precision": "int8"})
-    assert classified["precision"] == "int8"
-    assert math.isclose(sum(classified["results"][0]["probabilities"].values()), 1.0, abs_tol=1e-5)
+    # The classifier is all LSTM, which has no int8 kernel at fixed scales: it has no int8 graphs.
+    response = client.post("/sentiment", json={"text": "a gorgeous , witty film", "precision": "int8"})
+    assert (response.status_code, response.json()["error"]["code"]) == (422, "precision_unavailable")
 
 
 def test_models_lists_each_versions_precisions(client):
-    for model in client.get("/models").json()["models"]:
-        assert model["versions"][0]["precisions"] == ["float32", "int8"]
+    precisions = {model["name"]: model["versions"][0]["precisions"] for model in client.get("/models").json()["models"]}
+    assert precisions == {"tiny-lm": ["float32", "int8"], "tiny-sentiment": ["float32"]}
+
+
+def test_an_int8_answer_is_the_same_alone_and_among_other_requests(models):
+    """Fixed activation scales: batching decides which rows share a call, never what a row gets."""
+    lm = models.registry.language_model("tiny-lm")
+    texts = ["the stock fell", "mr. smith is chairman of the company", "shares fell N $",
+             "the company said it expects new shares in the market this year", "said"]
+
+    def scores(scheduler):
+        return [scheduler.score(lm, [text], True, "int8") for text in texts]
+
+    def next_words(scheduler):
+        return [scheduler.predict_next(lm, text, 50, True, "int8") for text in texts]
+
+    mixed = scheduled(scores)
+    assert len(models.rows("full-int8")) < len(texts)  # the texts did share calls
+    alone = scheduled(scores, batching=False)
+    for ((batched,), precision), ((single,), _) in zip(mixed, alone, strict=True):
+        assert precision == "int8"
+        assert batched.token_log_probs == single.token_log_probs  # bit for bit
+    mixed, alone = scheduled(next_words), scheduled(next_words, batching=False)
+    assert [[(w.word, w.log_prob) for w in r.words] for r, _ in mixed] == \
+        [[(w.word, w.log_prob) for w in r.words] for r, _ in alone]
+
+
+def test_int8_graphs_with_scales_computed_per_call_are_not_served(tiny_store, tmp_path, caplog):
+    """Graphs an older exporter quantized dynamically would answer a request according to the requests
+    sharing its call: the service leaves them out, says so, and serves float32."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    path = store / "tiny-lm" / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for graph in manifest["graphs"].values():
+        graph.pop("activation_scales", None)  # as written before fixed scales
+    path.write_text(json.dumps(manifest))
+    with TestClient(create_app(tiny_settings(store, default_precision="int8"))) as client:
+        wait_until_ready(client)
+        assert client.get("/models/tiny-lm").json()["versions"][0]["precisions"] == ["float32"]
+        assert post(client, "/score", {"text": "the stock"})["precision"] == "float32"
+    assert "tiny-lm@1: not serving model.int8.onnx: its activation scales are computed per call" in caplog.text
 
 
 def test_an_unknown_precision_is_a_validation_error(client):

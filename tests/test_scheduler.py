@@ -269,7 +269,7 @@ def test_batch_sizes_observed_are_in_metrics(tiny_store, batching):
         wait_until_ready(client)
         assert client.app.state.scheduler.batching is batching
         before = client.get("/metrics").text
-        answer = post(client, "/score", {"texts": ["the stock fell", "shares fell"]})
+        answer = post(client, "/score", {"texts": ["the stock fell", "shares fell"], "precision": "float32"})
         after = client.get("/metrics").text
     assert answer["precision"] == "float32" and len(answer["results"]) == 2
     # Exactly one more call, and it held both texts: the 2-row bucket grew, the 1-row one did not.

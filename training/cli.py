@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export RUN_DIR/best.pt to STORE/NAME/VERSION: ONNX graphs, a parity check of "
         "onnxruntime against PyTorch (fails above 1e-4), metrics measured on the exported graph, manifest.json.",
     )
-    export.add_argument("--run-dir", type=Path, required=True, help="a finished train-lm or train-sentiment run")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", type=Path, help="a finished train-lm or train-sentiment run")
+    source.add_argument("--from-version", type=Path, metavar="VERSION_DIR",
+                        help="a language-model version of a store (e.g. model_store/ptb-lm/3): export its weights "
+                        "again with this exporter (today's int8 graphs), keeping its training record")
     export.add_argument("--store", type=Path, default=Path("model_store"),
                         help="model store root (default: model_store)")
     export.add_argument("--name", required=True, help="model name: lower case, digits and '-' (e.g. ptb-lm)")
@@ -156,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("file", type=Path, help="evaluation data")
     evaluate.add_argument("--graph", default=FULL,
                           help="which graph of the manifest to run (e.g. full-int8; default: full)")
+    evaluate.add_argument("--compare-to", default=None, metavar="GRAPH",
+                          help="another graph of the version (e.g. full): also report how often the two agree "
+                          "(next word top-1 and top-5, or label)")
     return parser
 
 
@@ -178,18 +185,22 @@ def main(argv: list[str] | None = None) -> int:
                               args.run_dir, command, args.normaliser, device=choose_device(args.device),
                               max_minutes=args.max_minutes)
         elif args.command == "export":
-            from training.export import export_run
+            from training.export import export_from_version, export_run
 
-            path = export_run(args.run_dir, args.store, args.name, version=args.version, valid=args.valid,
-                              test=args.test, description=args.description, data=args.data, note=args.note,
-                              force=args.force, command=command)
+            common = dict(version=args.version, valid=args.valid, test=args.test, description=args.description,
+                          data=args.data, note=args.note, force=args.force, command=command)
+            if args.from_version:
+                path = export_from_version(args.from_version, args.store, args.name, **common)
+            else:
+                path = export_run(args.run_dir, args.store, args.name, **common)
             print(f"exported {path}")
         elif args.command == "evaluate":
             import json
 
             from training.evaluate import evaluate_version
 
-            print(json.dumps(evaluate_version(args.version_dir, args.file, args.graph), indent=2))
+            print(json.dumps(evaluate_version(args.version_dir, args.file, args.graph, compare_to=args.compare_to),
+                             indent=2))
     except (DataError, FileExistsError, ExportError) as e:
         print(f"error: {rank_label()}{e}", file=sys.stderr)
         return EXIT_BAD_INPUT

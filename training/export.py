@@ -56,7 +56,7 @@ from app.text import EOS, PAD, UNK, Vocabulary
 from training import lm, sentiment
 from training.checkpoint import load_checkpoint
 from training.data import DataError, pad_batch
-from training.evaluate import evaluate_version
+from training.evaluate import evaluate_version, read_version
 from training.model import LanguageModel, LastPositionLM, SentimentClassifier
 
 OPSET = 17
@@ -65,9 +65,23 @@ WEIGHTS_FILE = "weights.bin"
 # Tensors at least this large go to the shared weights file; small ones stay inline.
 EXTERNAL_MIN_BYTES = 1024
 INT8: Precision = "int8"
-# Dynamic int8 quantization (weights int8 ahead of time, activations per call) of the matrix
-# products and LSTMs; the embedding lookup stays float32 and is shared with the float graphs.
-INT8_OP_TYPES = ["LSTM", "MatMul", "Gemm"]
+# int8 graphs (language models): the decoder's matrix product -- about half of a position's arithmetic
+# -- in int8, its weights quantized per output word ahead of time and its input at a fixed scale; the
+# LSTMs stay float32.
+#
+# Why a fixed scale: onnxruntime's dynamic quantization computes the activations' scale per call from
+# all the values in it, so a row's answer moved with the rows that shared its call (up to 0.095 in
+# log-probability on ptb-lm v3), and a client asking twice could get two answers. The decoder's input is
+# an LSTM's output h = o * tanh(c), inside (-1, 1) whatever the text, so its scale needs no calibration
+# data and clips nothing. onnxruntime has no LSTM kernel with fixed activation scales (its int8 LSTM,
+# DynamicQuantizeLSTM, computes them per call, over the batch and per step), so the LSTMs stay float32,
+# and so does the sentiment classifier, which is all LSTM: it gets no int8 graph.
+INT8_OP_TYPES = ["MatMul"]
+# The range of an LSTM's output and its uint8 quantization: scale 2/255, zero point 128.
+LSTM_OUTPUT_RANGE = (-1.0, 1.0)
+# Nodes whose output holds only values of their first input (moved or selected, never changed), as
+# between an LSTM and the decoder (Gather: the last position of the last-position graph).
+_VALUE_PRESERVING_OPS = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Gather", "Slice"}
 
 # Measures the staged version: (staged directory, its manifest so far) -> the manifest's metrics.
 Evaluate = Callable[[Path, Manifest], dict]
@@ -82,27 +96,59 @@ def _not_preprocessing_advice(record: logging.LogRecord) -> bool:
 
 
 def _quantized(proto: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
-    """The int8 twin of a float graph (onnxruntime's dynamic quantization)."""
+    """The int8 twin of a language model's float graph: onnxruntime's quantization of the decoder
+    (weights per output column), then each activation quantized at the fixed scale of an LSTM's output
+    instead of one computed per call (see ``INT8_OP_TYPES``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source, target = scratch / "float.onnx", scratch / "int8.onnx"
     onnx.save_model(proto, str(source))
     # quantize_dynamic logs (on the root logger, once per graph) the advice to run onnxruntime's
     # pre-processing (shape inference and graph optimisation) first. On these graphs that changes
-    # nothing that matters: measured on both tasks' graphs, the same LSTM and MatMul nodes are
-    # quantized and the int8 outputs are identical (max difference 0 on the parity cases); it only
+    # nothing that matters: the same nodes are quantized and the int8 outputs are identical; it only
     # turns Constant nodes into initializers. So that one message is dropped; any other is kept.
     root = logging.getLogger()
     root.addFilter(_not_preprocessing_advice)
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=INT8_OP_TYPES)
     finally:
         root.removeFilter(_not_preprocessing_advice)
     quantized = onnx.load(str(target))
     source.unlink()
     target.unlink()
+    _fix_activation_scales(quantized.graph)
     return quantized
+
+
+def _fix_activation_scales(graph: onnx.GraphProto) -> None:
+    """Replace each DynamicQuantizeLinear (scale and zero point from the call's values) with a
+    QuantizeLinear at the fixed scale of an LSTM's output; an ExportError if one quantizes anything
+    else, whose range is not known."""
+    producers = {output: node for node in graph.node for output in node.output}
+    low, high = LSTM_OUTPUT_RANGE
+    scale = (high - low) / 255
+    zero_point = round(-low / scale)
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "DynamicQuantizeLinear":
+            continue
+        tensor = node.input[0]
+        source = producers.get(tensor)
+        while source is not None and source.op_type in _VALUE_PRESERVING_OPS:
+            tensor = source.input[0]
+            source = producers.get(tensor)
+        # An LSTM's outputs Y and Y_h are hidden states; Y_c (the cell) is unbounded.
+        if source is None or source.op_type != "LSTM" or tensor not in source.output[:2]:
+            raise ExportError(f"int8: {node.input[0]!r} is not an LSTM's output sequence, so its range is "
+                              "unknown and it cannot be quantized at a fixed scale")
+        quantized, scale_name, zero_point_name = node.output
+        graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name),
+            onnx.numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), zero_point_name),
+        ])
+        graph.node.remove(node)
+        graph.node.insert(index, onnx.helper.make_node("QuantizeLinear", [node.input[0], scale_name, zero_point_name],
+                                                       [quantized], name=node.name))
 
 
 def sha256_file(path: Path) -> str:
@@ -268,7 +314,8 @@ def _graph_table(task: Task, dims: dict[str, int], names: list[str]) -> dict[str
         }
         quantized = name != base
         table[name] = GraphSpec(file=GRAPH_FILES[name], precision=INT8 if quantized else "float32",
-                                quantized_from=base if quantized else None, **tensors)
+                                quantized_from=base if quantized else None,
+                                activation_scales="fixed" if quantized else None, **tensors)
     return table
 
 
@@ -404,7 +451,8 @@ def export_sentiment_model(
     evaluate: Evaluate | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``store/name/version/`` with the classifier graph and its int8 twin; returns its path.
+    """Write ``store/name/version/`` with the classifier graph (no int8 twin: see ``INT8_OP_TYPES``);
+    returns its path.
     ``evaluate`` measures the metrics on the staged version."""
     if vocab.pad_id is None:
         raise ValueError(f"a sentiment vocabulary needs {PAD}")
@@ -415,7 +463,6 @@ def export_sentiment_model(
         cases = _sentiment_cases(len(vocab), vocab.pad_id, rng)
         example = tuple(torch.from_numpy(v) for v in cases[2].values())
         graphs = {FULL: _to_onnx(model, example, SIGNATURES["sentiment"][FULL])}
-        graphs[graph_name(FULL, INT8)] = _quantized(graphs[FULL], staging)
         _write_graphs(graphs, staging)
         session = create_session(staging / GRAPH_FILES[FULL])
         parity = {FULL: _check_parity(model, session, cases)}
@@ -481,17 +528,8 @@ def export_run(
         "history": run_metrics.get("history", []),
     }
 
-    def evaluate(staged: Path, manifest: Manifest) -> dict:
-        splits = {"valid": valid, "test": test}
-        metrics = {split: evaluate_version(staged, path, manifest=manifest)
-                   for split, path in splits.items() if path is not None}
-        if valid is not None:
-            # The int8 graph's change, on validation data only.
-            metrics["valid_int8"] = evaluate_version(staged, valid, graph_name(FULL, INT8), manifest=manifest)
-        return metrics
-
     common = dict(version=version, normaliser=checkpoint["normaliser"], description=description,
-                  training=training, evaluate=evaluate, force=force)
+                  training=training, evaluate=_evaluator(valid, test), force=force)
     if checkpoint["task"] == "sentiment":
         model, vocab = sentiment.model_from_checkpoint(checkpoint)
         architecture = {key: config[key] for key in ("layers", "hidden_size", "embedding_size", "dropout",
@@ -504,3 +542,59 @@ def export_run(
     architecture = {key: config[key] for key in ("layers", "hidden_size", "embedding_size", "tied", "dropout")}
     architecture["bidirectional"] = False
     return export_language_model(model, vocab, store, name, architecture=architecture, **common)
+
+
+def _evaluator(valid: Path | None, test: Path | None) -> Evaluate:
+    """The metrics of an export: perplexity or accuracy on ``valid`` and ``test`` measured on the exported
+    graph, and the int8 graph's on ``valid`` with its agreement with the float graph."""
+
+    def evaluate(staged: Path, manifest: Manifest) -> dict:
+        splits = {"valid": valid, "test": test}
+        metrics = {split: evaluate_version(staged, path, manifest=manifest)
+                   for split, path in splits.items() if path is not None}
+        int8 = graph_name(FULL, INT8)
+        if valid is not None and int8 in manifest.graphs:
+            # The int8 graph's change, on validation data only.
+            metrics["valid_int8"] = evaluate_version(staged, valid, int8, manifest=manifest, compare_to=FULL)
+        return metrics
+
+    return evaluate
+
+
+def export_from_version(
+    version_dir: Path,
+    store: Path,
+    name: str,
+    *,
+    version: int | None = None,
+    valid: Path | None = None,
+    test: Path | None = None,
+    description: str = "",
+    data: str = "",
+    note: str = "",
+    force: bool = False,
+    command: str = "",
+) -> Path:
+    """The ``export --from-version`` command: a language-model version's weights (read back from its
+    ``full`` graph, `training.warmstart`) exported again into ``store/name/version`` by this exporter, so
+    a shipped model gets what the exporter has learnt since (int8 graphs at fixed scales) without
+    retraining. The source's training record is kept, ``data``, ``description`` and ``note`` replacing
+    its own where given; the metrics are measured again on the new graphs."""
+    from training.warmstart import language_model_weights
+
+    source = read_version(version_dir)
+    state, architecture, vocab, normaliser = language_model_weights(version_dir)
+    record = source.training
+    config = {**record.get("config", {}), **architecture}
+    model = LanguageModel(len(vocab), config["embedding_size"], config["hidden_size"], config["layers"],
+                          dropout=0.0, tied=config["tied"], init_range=0.0)  # every weight is then loaded
+    model.load_state_dict(state)
+    training = {key: value for key, value in record.items() if key != "libraries"}
+    reexport = f"Weights exported again from {source.name} v{source.version} (export --from-version)."
+    training.update(export_command=command, note=" ".join(filter(None, [note or record.get("note", ""), reexport])))
+    if data:
+        training["data"] = data
+    architecture = {**source.architecture, **architecture}
+    return export_language_model(model, vocab, store, name, version=version, normaliser=normaliser,
+                                 description=description or source.description, architecture=architecture,
+                                 training=training, evaluate=_evaluator(valid, test), force=force)
