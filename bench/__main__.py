@@ -1,6 +1,6 @@
-"""``python -m bench``: start the service on loopback, load it with wrk (or the Python client),
-compare it with the naive PyTorch baseline and the in-process floor, and save JSON + PNG under
-``bench/results/``.
+"""``python -m bench``: measure this machine's matrix-multiplication peak, start the service on
+loopback, load it with wrk (or the Python client), compare it with the plain reference, the naive
+PyTorch baseline and the in-process floor, and save JSON + PNG under ``bench/results/``.
 
     python -m bench                              # model_store/, 10 s per measurement
     python -m bench --store /path/to/store --seconds 5 --client python
@@ -39,6 +39,8 @@ def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
                         help="load generator (auto: wrk where installed)")
     parser.add_argument("--threads", type=int, default=available_cpus(),
                         help="onnxruntime / torch intra-op threads (default: available CPUs)")
+    parser.add_argument("--gemm-seconds", type=float, default=0.5,
+                        help="duration of each shape and precision of the matrix-multiplication peak")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
     parser.add_argument("--faults", action="store_true",
                         help="instead of the speed benchmark, the overload run of bench/faults.py (prints a table)")
@@ -57,7 +59,7 @@ def parse(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
                         ".venv-serve, where it exists, so RSS is the deployed figure; else this interpreter)")
     args = parser.parse_args(argv)
     options = Options(args.store.resolve(), args.seconds, tuple(args.concurrency), tuple(args.prefix_lengths),
-                      args.prefix_repeats, args.client, args.threads, args.service_python)
+                      args.prefix_repeats, args.client, args.threads, args.service_python, args.gemm_seconds)
     return options, args
 
 

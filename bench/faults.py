@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
-import random
 import threading
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from bench.load import LoadResult, python_load
 from bench.run import workloads
 from bench.servers import running
 
-SENTENCES_PER_REQUEST = 8
 SATURATION_CONCURRENCY = (4, 16, 32)
 # The flood's onset: hundreds of connections arrive at once and the event loop spends ~150 ms taking them
 # in, a stall the first wave of admitted requests waits through before anything has finished to learn
@@ -35,21 +32,13 @@ SATURATION_CONCURRENCY = (4, 16, 32)
 RAMP_UP_SECONDS = 1.0
 
 
-def _score_body(words: tuple[str, ...]):
-    def body(rng: random.Random) -> bytes:
-        texts = [" ".join(rng.choices(words, k=rng.randint(10, 30))) for _ in range(SENTENCES_PER_REQUEST)]
-        return json.dumps({"texts": texts}).encode()
-
-    return body
-
-
 def run_overload(store: Path, seconds: float, clients: int, service_python: str, threads: int) -> dict:
     """Measure the service with default admission settings; returns a JSON-ready dict."""
-    body = _score_body(workloads(store)["/score"].words)
+    workload = workloads(store)["/score"]
     env = {"LSTM_SERVE_INTRA_OP_THREADS": str(threads)}
 
     def load(base_url: str, concurrency: int, honour_retry_after: bool = False) -> LoadResult:
-        return asyncio.run(python_load(base_url, "/score", body, concurrency, seconds, honour_retry_after))
+        return asyncio.run(python_load(base_url, "/score", workload.body, concurrency, seconds, honour_retry_after))
 
     with running("app", store, env, python=service_python) as server:
         alone = load(server.base_url, 1)
@@ -71,7 +60,8 @@ def run_overload(store: Path, seconds: float, clients: int, service_python: str,
     statuses = set(overload.statuses)
     return {
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ"),
-        "workload": f"/score, {SENTENCES_PER_REQUEST} sentences of 10-30 words per request",
+        "workload": f"/score, {workload.texts_per_request} sentences of {workload.min_words}-{workload.max_words} "
+                    "words per request",
         "seconds": seconds,
         "max_queue_wait_ms": bound_ms,
         "alone": alone.as_dict(),

@@ -22,20 +22,26 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Workload:
-    """Request bodies for one endpoint: ``template`` (JSON with one ``%s``) filled with ``min_words``
-    to ``max_words`` words drawn uniformly from ``words`` (JSON-safe tokens)."""
+    """Request bodies for one endpoint: ``template`` (JSON with one ``%s``) filled with
+    ``texts_per_request`` JSON strings, comma-separated, each of ``min_words`` to ``max_words`` words
+    drawn uniformly from ``words`` (JSON-safe tokens): ``{"text": %s}`` for one text,
+    ``{"texts": [%s]}`` for several."""
 
     path: str
     template: str
     words: tuple[str, ...]
     min_words: int
     max_words: int
+    texts_per_request: int = 1
 
     def text(self, rng: random.Random) -> str:
         return " ".join(rng.choices(self.words, k=rng.randint(self.min_words, self.max_words)))
 
+    def request_texts(self, rng: random.Random) -> list[str]:
+        return [self.text(rng) for _ in range(self.texts_per_request)]
+
     def body(self, rng: random.Random) -> bytes:
-        return (self.template % self.text(rng)).encode()
+        return (self.template % ", ".join(f'"{text}"' for text in self.request_texts(rng))).encode()
 
 
 @dataclass(frozen=True)
@@ -175,10 +181,13 @@ function init(args)
 end
 
 function request()
-  local n = math.random(%(min_words)d, %(max_words)d)
-  local chosen = {}
-  for i = 1, n do chosen[i] = words[math.random(#words)] end
-  return wrk.format(nil, nil, nil, string.format(template, table.concat(chosen, " ")))
+  local texts = {}
+  for t = 1, %(texts_per_request)d do
+    local chosen = {}
+    for i = 1, math.random(%(min_words)d, %(max_words)d) do chosen[i] = words[math.random(#words)] end
+    texts[t] = '"' .. table.concat(chosen, " ") .. '"'
+  end
+  return wrk.format(nil, nil, nil, string.format(template, table.concat(texts, ", ")))
 end
 
 function done(summary, latency, requests)
@@ -196,6 +205,7 @@ def _wrk(base_url: str, workload: Workload, concurrency: int, seconds: float) ->
         "template": json.dumps(workload.template),
         "min_words": workload.min_words,
         "max_words": workload.max_words,
+        "texts_per_request": workload.texts_per_request,
         "seed": run_seed(workload.path, concurrency),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:

@@ -4,7 +4,6 @@ the workers' snapshots; the multiprocess directory is prepared fresh and removed
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import MULTIPROC_ENV, SNAPSHOT_PREFIX, WorkerSnapshots, prepare_multiprocess_directory
-from bench.servers import running
+from bench.servers import multiprocess_directory_of, running
 
 REQUESTS = 40
 SCORE_OK = {"method": "POST", "endpoint": "/score", "status": "200"}
@@ -47,34 +46,6 @@ def requests_by_worker(directory: Path, endpoint: str) -> Counter[int]:
     return counts
 
 
-def multiprocess_directory_of(pid: int) -> Path:
-    """The directory the main process ``pid`` handed its workers (read from a worker's environment)."""
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        for variable in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
-            name, _, value = variable.decode().partition("=")
-            if name == MULTIPROC_ENV:
-                return Path(value)
-    raise AssertionError(f"no worker of {pid} has {MULTIPROC_ENV}")
-
-
-def wait_for_serving_workers(directory: Path, workers: int, timeout: float = 60.0) -> None:
-    """Until ``workers`` snapshots each report every model of the tiny store in service."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        serving = 0
-        for path in directory.glob(f"{SNAPSHOT_PREFIX}*.json"):
-            try:
-                families = {f["name"]: f for f in json.loads(path.read_text())}
-            except (OSError, ValueError):
-                continue
-            states = dict((s[1]["state"], s[2]) for s in families["lstm_serve_model_versions"]["samples"])
-            serving += states.get("serving") == 2
-        if serving == workers:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{workers} workers did not all serve within {timeout:.0f} s")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker pids and environments from /proc")
 def test_every_scrape_counts_the_requests_of_every_worker(tiny_store, monkeypatch):
     monkeypatch.delenv(MULTIPROC_ENV, raising=False)  # the service makes its own directory
@@ -82,7 +53,6 @@ def test_every_scrape_counts_the_requests_of_every_worker(tiny_store, monkeypatc
     with running("app", tiny_store, env, timeout=90) as server:
         directory = multiprocess_directory_of(server.pid)
         assert directory.name.startswith("lstm-serve-metrics-")
-        wait_for_serving_workers(directory, workers=2)
 
         def score(_: int) -> int:
             with httpx.Client(base_url=server.base_url, timeout=30) as client:  # a new connection each time
