@@ -38,9 +38,12 @@ def targets(results: dict) -> list[dict]:
     batched = results["service"]["/score"][top]["requests_per_s"]
     unbatched = results["service_unbatched"]["/score"][top]["requests_per_s"]
     naive = results["baseline"]["/score"][top]["requests_per_s"]
-    rows.append({"target": f"/score req/s at concurrency {top}: >= 2x batching off",
-                 "measured": f"{batched:.1f} vs {unbatched:.1f}/s = {_ratio(batched, unbatched):.2f}x",
-                 "met": batched >= 2 * unbatched})
+    one_on, one_off = (results["batching"][k]["requests_per_s"] for k in ("batched", "unbatched"))
+    rows.append({"target": f"/score req/s at concurrency {top}, one sentence per request: >= 2x batching off",
+                 "measured": f"{one_on:.1f} vs {one_off:.1f}/s = {_ratio(one_on, one_off):.2f}x (8 sentences per "
+                             f"request, batched within each request either way: {batched:.1f} vs {unbatched:.1f}/s = "
+                             f"{_ratio(batched, unbatched):.2f}x)",
+                 "met": one_on >= 2 * one_off})
     rows.append({"target": f"/score req/s at concurrency {top}: >= 5x the naive PyTorch baseline",
                  "measured": f"{batched:.1f} vs {naive:.1f}/s = {_ratio(batched, naive):.2f}x",
                  "met": batched >= 5 * naive})

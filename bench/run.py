@@ -6,6 +6,7 @@ service's memory; the figures set against the issue's targets."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import platform
 import random
@@ -193,6 +194,10 @@ def run_benchmark(options: Options) -> dict:
     _, lm_manifest = default_model(options.store, "language-model")
     env = {"LSTM_SERVE_INTRA_OP_THREADS": str(options.threads), "LSTM_SERVE_MAX_TEXT_CHARS": "8000",
            "BENCH_THREADS": str(options.threads)}
+    # Batching on against off is also measured with one sentence per /score request at the top concurrency:
+    # the 8-sentence requests are batched within themselves either way.
+    one_sentence = dataclasses.replace(mixes["/score"], texts_per_request=1)
+    top = max(options.concurrency)
     # Every service run names its precision: the service's default may change.
     float32_env, int8_env = ({**env, "LSTM_SERVE_DEFAULT_PRECISION": p} for p in ("float32", "int8"))
     # Measured first, with nothing else running.
@@ -215,11 +220,13 @@ def run_benchmark(options: Options) -> dict:
                                             for c in options.concurrency}
         results["prefix_cache"] = prefix_latencies(server.base_url, options, mixes["/predict-next"].words)
         results["memory"]["after_load_test"] = server.rss_mb()
+        results["batching"] = {"batched": _load(server, options, one_sentence, top)}
     with running("app", options.store, {**float32_env, "LSTM_SERVE_BATCHING": "false"},
                  python=options.service_python) as server:
         _check_precision(server, "float32")
         results["service_unbatched"]["/score"] = {str(c): _load(server, options, mixes["/score"], c)
                                                   for c in options.concurrency}
+        results["batching"]["unbatched"] = _load(server, options, one_sentence, top)
     if any(graph.precision == "int8" for graph in lm_manifest.graphs.values()):
         with running("app", options.store, int8_env, python=options.service_python) as server:
             _check_precision(server, "int8")

@@ -31,6 +31,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_saves_json_and_chart(tiny_
     for endpoint in ("/predict-next", "/score"):
         assert results["service_int8"][endpoint]["4"]["requests"] > 0
     assert results["service_unbatched"]["/score"]["4"]["requests"] > 0
+    assert results["batching"]["batched"]["requests"] > 0 and results["batching"]["unbatched"]["requests"] > 0
     assert set(results["prefix_cache"]) == {"1", "20"}
     assert results["floor"]["/score"]["batch32_sentences_per_s"] > 0
     assert 0 < results["memory"]["after_load"]["rss_mb"] < 1000
