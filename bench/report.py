@@ -34,7 +34,9 @@ def targets(results: dict) -> list[dict]:
         rows.append({"target": "/predict-next p50 at concurrency 1 within the in-process floor + 1 ms",
                      "measured": f"{c1['p50_ms']:.2f} ms vs floor {floor:.2f} ms (+{overhead:.2f} ms)",
                      "met": overhead <= 1.0})
-    top = str(max(int(c) for c in results["service"]["/score"]))
+    # The targets are at 32 connections; a run without 32 is judged at its highest concurrency.
+    measured_at = results["service"]["/score"]
+    top = "32" if "32" in measured_at else str(max(int(c) for c in measured_at))
     batched = results["service"]["/score"][top]["requests_per_s"]
     unbatched = results["service_unbatched"]["/score"][top]["requests_per_s"]
     naive = results["baseline"]["/score"][top]["requests_per_s"]
@@ -74,9 +76,12 @@ def targets(results: dict) -> list[dict]:
     rss = results["memory"]["after_load"]["rss_mb"]
     peak = results["memory"]["after_load_test"]["peak_rss_mb"]
     rows.append({"target": f"service RSS with the models loaded under {RSS_LIMIT_MB:.0f} MB",
-                 "measured": f"{rss:.0f} MB after loading, peak {peak:.0f} MB under load", "met": rss < RSS_LIMIT_MB})
-    rows.append({"target": f"service peak RSS under the load under {PEAK_RSS_LIMIT_MB:.0f} MB",
-                 "measured": f"{peak:.0f} MB", "met": peak < PEAK_RSS_LIMIT_MB})
+                 "measured": f"{rss:.0f} MB after loading, peak {peak:.0f} MB under the whole load",
+                 "met": rss < RSS_LIMIT_MB})
+    peak_at = results["memory"]["peak_rss_mb_by_concurrency"][top]
+    rows.append({"target": f"service peak RSS under load up to concurrency {top} under {PEAK_RSS_LIMIT_MB:.0f} MB",
+                 "measured": f"{peak_at:.0f} MB (every endpoint at each concurrency up to {top})",
+                 "met": peak_at < PEAK_RSS_LIMIT_MB})
     arithmetic = results["arithmetic"]["/score"]
     rates = arithmetic["by_server"]
     peak_gflops = results["machine"]["gemm"]["float32"]["peak_gflops_per_s"]

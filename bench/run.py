@@ -215,9 +215,12 @@ def run_benchmark(options: Options) -> dict:
     with running("app", options.store, float32_env, python=options.service_python) as server:
         results["memory"] = {"after_load": server.rss_mb()}
         _check_precision(server, "float32")
-        for endpoint in ENDPOINTS:
-            results["service"][endpoint] = {str(c): _load(server, options, mixes[endpoint], c)
-                                            for c in options.concurrency}
+        # Concurrency outer, so the peak RSS is known up to each concurrency (it only grows).
+        results["memory"]["peak_rss_mb_by_concurrency"] = {}
+        for c in sorted(options.concurrency):
+            for endpoint in ENDPOINTS:
+                results["service"].setdefault(endpoint, {})[str(c)] = _load(server, options, mixes[endpoint], c)
+            results["memory"]["peak_rss_mb_by_concurrency"][str(c)] = server.rss_mb()["peak_rss_mb"]
         results["prefix_cache"] = prefix_latencies(server.base_url, options, mixes["/predict-next"].words)
         results["memory"]["after_load_test"] = server.rss_mb()
         results["batching"] = {"batched": _load(server, options, one_sentence, top)}

@@ -35,6 +35,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_saves_json_and_chart(tiny_
     assert set(results["prefix_cache"]) == {"1", "20"}
     assert results["floor"]["/score"]["batch32_sentences_per_s"] > 0
     assert 0 < results["memory"]["after_load"]["rss_mb"] < 1000
+    assert set(results["memory"]["peak_rss_mb_by_concurrency"]) == set(results["service"]["/score"])
 
     gemm = results["machine"]["gemm"]
     vocab = len(LM_WORDS)
