@@ -56,7 +56,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_saves_json_and_chart(tiny_
     # reference per endpoint, cores for 2 endpoints, int8 against the reference, peak RSS, and the arithmetic rate.
     rows = {row["target"]: row for row in results["targets"]}
     assert len(results["targets"]) == 4 + 3 + 2 + 1 + 1 + 1
-    assert any(target.startswith("/predict-next req/s at concurrency 4: >= 1.5x") for target in rows)
+    assert any(target.startswith("/predict-next req/s at concurrency 4: >= 1x") for target in rows)  # 1.5x: at 32
     assert any(target.startswith("int8 /score req/s at concurrency 4: >= 2.5x") for target in rows)
     assert sum(" cores at concurrency 4" in target for target in rows) == 2
     (arithmetic_row,) = [row for row in results["targets"] if row["target"].startswith("/score arithmetic rate")]
