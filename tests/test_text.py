@@ -90,3 +90,20 @@ def test_chunked_tokenization_equals_whole_text_tokenization(pieces, glue):
     marked = re.sub(r"(?<=\w)&(?=\w)", "\ue000", " ".join(text.split()))
     whole = [token.replace("\ue000", "&") for token in NLTKWordTokenizer().tokenize(marked)]
     assert _treebank_tokens(text) == whole
+
+
+def test_plain_words_skip_the_regexes_with_nltks_answer():
+    """Letters and digits alone are one token, except the words NLTK's contraction rules split: checked
+    for every such word of the shipped vocabularies, in upper case too, first and last in a text."""
+    from pathlib import Path
+
+    from app.text import _PLAIN_CHUNK, _SPLIT_WORDS
+
+    assert _SPLIT_WORDS == {"cannot", "gimme", "gonna", "gotta", "lemme", "wanna"}  # read from NLTK's rules
+    store = Path(__file__).resolve().parents[1] / "model_store"
+    words = {w for path in store.glob("*/*/vocab.txt") for w in path.read_text().split() if _PLAIN_CHUNK.fullmatch(w)}
+    assert len(words) > 5000
+    nltk = NLTKWordTokenizer()
+    for word in sorted(words | _SPLIT_WORDS | {"Cannot", "GONNA", "Wanna"}):
+        for text in (f"{word} {word}", f"{word.upper()} x"):
+            assert _treebank_tokens(text) == nltk.tokenize(text), text
