@@ -156,8 +156,9 @@ class ModelRuntime(ABC):
             if graph is None:
                 continue
             if not graph.deterministic:
-                # A row's answer would move with the rows sharing its call, and batching decides those.
-                log.warning("%s@%s: not serving %s: its activation scales are computed per call, so answers "
+                # A row's answer would move with the rows sharing its call, and batching decides those. Not a
+                # warning: the model serves float32, and /models lists the precisions it has.
+                log.info("%s@%s: not serving %s: its activation scales are computed per call, so answers "
                             "would depend on other requests; export the model again for int8 at fixed scales",
                             manifest.name, manifest.version, graph.file)
                 continue

@@ -4,6 +4,7 @@ answers and in /models; a model without them still serves float32."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -81,6 +82,7 @@ def test_int8_graphs_with_scales_computed_per_call_are_not_served(tiny_store, tm
     for graph in manifest["graphs"].values():
         graph.pop("activation_scales", None)  # as written before fixed scales
     path.write_text(json.dumps(manifest))
+    caplog.set_level(logging.INFO, logger="app.runtime")
     with TestClient(create_app(tiny_settings(store, default_precision="int8"))) as client:
         wait_until_ready(client)
         assert client.get("/models/tiny-lm").json()["versions"][0]["precisions"] == ["float32"]
