@@ -18,6 +18,11 @@ def _ratio(rate: float, other: float) -> float:
     return rate / other if other else math.inf
 
 
+def target_concurrency(concurrencies: list[str] | list[int]) -> str:
+    """Where the issue's targets are judged: 32 connections, or the highest concurrency of a run without 32."""
+    return "32" if "32" in map(str, concurrencies) else str(max(int(c) for c in concurrencies))
+
+
 def targets(results: dict) -> list[dict]:
     """Each target of the issue with its measured ratio and whether it is met (``met`` None: a figure
     reported beside them, with no goal)."""
@@ -34,9 +39,7 @@ def targets(results: dict) -> list[dict]:
         rows.append({"target": "/predict-next p50 at concurrency 1 within the in-process floor + 1 ms",
                      "measured": f"{c1['p50_ms']:.2f} ms vs floor {floor:.2f} ms (+{overhead:.2f} ms)",
                      "met": overhead <= 1.0})
-    # The issue's targets are at 32 connections; a run without 32 is judged at its highest concurrency.
-    measured_at = results["service"]["/score"]
-    top = "32" if "32" in measured_at else str(max(int(c) for c in measured_at))
+    top = target_concurrency(list(results["service"]["/score"]))
     batched = results["service"]["/score"][top]["requests_per_s"]
     unbatched = results["service_unbatched"]["/score"][top]["requests_per_s"]
     naive = results["baseline"]["/score"][top]["requests_per_s"]

@@ -585,9 +585,9 @@ def export_from_version(
     source = read_version(version_dir)
     state, architecture, vocab, normaliser = language_model_weights(version_dir)
     record = source.training
-    config = {**record.get("config", {}), **architecture}
-    model = LanguageModel(len(vocab), config["embedding_size"], config["hidden_size"], config["layers"],
-                          dropout=0.0, tied=config["tied"], init_range=0.0)  # every weight is then loaded
+    model = LanguageModel(len(vocab), architecture["embedding_size"], architecture["hidden_size"],
+                          architecture["layers"], dropout=0.0, tied=architecture["tied"], init_range=0.0)
+    # (every weight is then loaded)
     model.load_state_dict(state)
     training = {key: value for key, value in record.items() if key != "libraries"}
     reexport = f"Weights exported again from {source.name} v{source.version} (export --from-version)."
