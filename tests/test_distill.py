@@ -13,7 +13,7 @@ import torch
 
 from app.text import PAD, UNK, Vocabulary
 from training.config import DistillConfig, SentimentConfig
-from training.data import LabelledText
+from training.data import DataError, LabelledText
 from training.distill import augmented, averaged, distill_sentiment, distillation_loss, train_student
 from training.export import export_run
 
@@ -94,7 +94,6 @@ def test_a_student_past_its_deadline_stops_at_the_next_evaluation():
 
 
 def test_a_local_copy_of_the_encoder_replaces_the_extra(tmp_path, monkeypatch):
-    from training.data import DataError
     from training.embeddings import ENCODER_DIR_VARIABLE, minilm_path
 
     monkeypatch.setenv(ENCODER_DIR_VARIABLE, str(tmp_path))
@@ -148,6 +147,68 @@ def test_a_distilled_run_resumes_its_stages_and_exports_like_train_sentiment(sst
     version = export_run(run, sst_files / "store", "tiny-distilled", valid=sst_files / "dev")
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["task"] == "sentiment" and manifest["metrics"]["valid"]["examples"] == 20
+    assert manifest["training"]["transfer_set"] == metrics["transfer_set"]  # the run's report travels with it
+
+
+def test_a_run_stops_after_a_stage_and_a_gathered_copy_goes_on_from_it(sst_files, monkeypatch):
+    """--stop-after: teachers and students of several settings can run side by side from one transfer set."""
+    calls = []
+
+    def counting_teacher(texts):
+        calls.append(len(texts))
+        return rule_teacher(texts)
+
+    student = SentimentConfig(embedding_size=8, hidden_size=8, epochs=2, batch_size=16)
+    files = (sst_files / "train", sst_files / "dev", sst_files / "trees")
+    run = sst_files / "run"
+    stopped = distill_sentiment(student, DistillConfig(augment=3), *files, run, teacher=counting_teacher,
+                                stop_after="teacher")
+    assert stopped["stopped_after"] == "teacher" and calls == [] and not (run / "transfer.pt").exists()
+
+    stopped = distill_sentiment(student, DistillConfig(augment=3), *files, run, teacher=counting_teacher,
+                                stop_after="transfer")
+    assert stopped["stopped_after"] == "transfer" and len(calls) == 1
+    assert (run / "transfer.pt").exists() and not (run / "best.pt").exists()
+
+    # Two students of different settings from copies of the transfer set alone: no teacher is asked or
+    # fine-tuned again (its weights need not travel), and its report comes from the transfer set.
+    transfer = torch.load(run / "transfer.pt", weights_only=True)
+    transfer["teacher"] = {"dev_accuracy": 0.9}
+    monkeypatch.setattr("training.teacher.fine_tuned_teachers", lambda *a, **k: pytest.fail("teacher fine-tuned"))
+    for name, schedule in (("constant", "constant"), ("cosine", "cosine")):
+        (sst_files / name).mkdir()
+        torch.save(transfer, sst_files / name / "transfer.pt")
+        metrics = distill_sentiment(dataclasses.replace(student, lr_schedule=schedule), DistillConfig(augment=3),
+                                    *files, sst_files / name)
+        assert metrics["config"]["lr_schedule"] == schedule and (sst_files / name / "best.pt").exists()
+        assert metrics["teacher"] == {"dev_accuracy": 0.9}
+    assert len(calls) == 1
+
+    with pytest.raises(DataError, match="can stop after teacher, transfer"):
+        distill_sentiment(student, DistillConfig(), *files, sst_files / "other", teacher=rule_teacher,
+                          stop_after="student")
+
+
+def test_the_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_epochs():
+    from training.sentiment import learning_rate_schedule
+
+    def rates(config, steps_per_epoch=5):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+        schedule = learning_rate_schedule(optimizer, config, steps_per_epoch)
+        seen = []
+        for _ in range(steps_per_epoch * config.epochs):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return seen, optimizer.param_groups[0]["lr"]
+
+    cosine, last = rates(SentimentConfig(lr=0.1, epochs=4, lr_schedule="cosine"))
+    assert cosine[0] == pytest.approx(0.1) and cosine[10] == pytest.approx(0.05) and last == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False))
+    constant, last = rates(SentimentConfig(lr=0.1, epochs=4))
+    assert set(constant) == {0.1} and last == 0.1
+    with pytest.raises(DataError, match="known: constant, cosine"):
+        rates(SentimentConfig(lr_schedule="linear"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None

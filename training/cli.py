@@ -11,7 +11,15 @@ from pathlib import Path
 
 from app.manifest import FULL
 from app.text import NORMALISERS
-from training.config import LM_PRESETS, SENTIMENT_PRESETS, DistillConfig, LMConfig, SentimentConfig, with_overrides
+from training.config import (
+    DISTILL_STAGES,
+    LM_PRESETS,
+    SENTIMENT_PRESETS,
+    DistillConfig,
+    LMConfig,
+    SentimentConfig,
+    with_overrides,
+)
 from training.data import DataError
 from training.distributed import DEVICES, choose_device, launch_command, lost_contact, rank_label, start
 from training.export import ExportError
@@ -44,7 +52,7 @@ def _add_config_options(parser: argparse.ArgumentParser, config_type: type, pres
                                help=f"(preset '{next(iter(presets))}': {default})")
         else:
             group.add_argument(flag, type=type(default), default=None, metavar=f.name.upper(),
-                               help=f"(preset '{next(iter(presets))}': {default})")
+                               choices=f.metadata.get("choices"), help=f"(preset '{next(iter(presets))}': {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--max-minutes", type=float, default=None,
                          help="the run's wall time: the student stops at its first dev evaluation past it and the run "
                          "finishes with the best student so far (the teacher's stages always complete)")
+    distill.add_argument("--stop-after", choices=DISTILL_STAGES, default=None,
+                         help="end the run once this stage is in RUN_DIR: 'teacher' (fine-tune teachers side by side "
+                         "in separate runs, seeds S, S+1, ..., then gather them into one RUN_DIR as teacher/, "
+                         "teacher-2/, ...) or 'transfer' (then train students of several settings from copies of "
+                         "the run directory)")
     _add_config_options(distill, DistillConfig, {"default": DistillConfig()})
     _add_config_options(distill, SentimentConfig, SENTIMENT_PRESETS)
 
@@ -183,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             distill_sentiment(with_overrides(SENTIMENT_PRESETS["default"], vars(args)),
                               with_overrides(DistillConfig(), vars(args)), args.train, args.dev, args.trees,
                               args.run_dir, command, args.normaliser, device=choose_device(args.device),
-                              max_minutes=args.max_minutes)
+                              max_minutes=args.max_minutes, stop_after=args.stop_after)
         elif args.command == "export":
             from training.export import export_from_version, export_run
 

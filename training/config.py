@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+
+LR_SCHEDULES = ("constant", "cosine")
+DISTILL_STAGES = ("teacher", "transfer")  # the stages that distill-sentiment --stop-after can end a run after
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class SentimentConfig:
     batch_size: int = 64
     epochs: int = 12
     lr: float = 2e-3
+    # constant, or cosine: a half cosine from lr down to 0 at the end of the last epoch, stepped every batch
+    lr_schedule: str = field(default="constant", metadata={"choices": LR_SCHEDULES})
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
     min_count: int = 1
@@ -93,4 +98,7 @@ def with_overrides(config, overrides: dict):
     return replace(config, **{k: v for k, v in overrides.items() if k in names and v is not None})
 
 
-__all__ = ["LMConfig", "SentimentConfig", "DistillConfig", "LM_PRESETS", "SENTIMENT_PRESETS", "with_overrides"]
+__all__ = [
+    "DISTILL_STAGES", "LR_SCHEDULES", "LMConfig", "SentimentConfig", "DistillConfig", "LM_PRESETS", "SENTIMENT_PRESETS",
+    "with_overrides",
+]

@@ -8,7 +8,8 @@ it there, so an interrupted run resumes at the stage it stopped in:
    linear head, fine-tuned on the labelled SST phrases and selected on dev accuracy; with
    ``teachers`` > 1, as many fine-tuned from seeds in a row (``teacher-2/``, ...), their logits averaged;
 2. **transfer set** (``transfer.pt``): the training phrases plus ``augment`` variants of every
-   training sentence (words masked to ``<unk>``, n-grams sampled), each with the teacher's logits;
+   training sentence (words masked to ``<unk>``, n-grams sampled), each with the teacher's logits,
+   and the teacher's report; once it is there, the teachers' weights are not needed again;
 3. **student** (``best.pt``): the biLSTM of ``train-sentiment`` regressing the teacher's logits (mean
    squared error, as in the paper), selected on dev accuracy; ``best.pt`` has the train-sentiment
    checkpoint format, so ``python -m training export`` ships it unchanged.
@@ -34,8 +35,8 @@ from tqdm import tqdm
 
 from app.text import PAD, UNK, Vocabulary
 from training.checkpoint import cpu_state_dict, require_normaliser, save_checkpoint
-from training.config import DistillConfig, SentimentConfig
-from training.data import LabelledText, pad_batch, read_labelled, read_tree_phrases
+from training.config import DISTILL_STAGES, DistillConfig, SentimentConfig
+from training.data import DataError, LabelledText, pad_batch, read_labelled, read_tree_phrases
 from training.distributed import CPU
 from training.report import plot_curves, write_metrics
 from training.sentiment import LABELS, _load_pretrained, build_model
@@ -86,7 +87,7 @@ def train_student(
     on ``texts``, evaluated on ``dev`` ``config.evals_per_epoch`` times an epoch; ``on_best(model, point)``
     is called whenever dev accuracy improves. With a ``deadline`` (a `time.perf_counter` value) training
     stops at the first evaluation past it. Returns the model as trained last and the history."""
-    from training.sentiment import accuracy
+    from training.sentiment import accuracy, learning_rate_schedule
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -99,8 +100,10 @@ def train_student(
     targets = targets.to(device)
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=config.lr,
                                  weight_decay=config.weight_decay)
+    encoded = [vocab.encode(text) for text in texts]  # once, not every epoch
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    schedule = learning_rate_schedule(optimizer, config, len(chunks))
     eval_every = max(1, math.ceil(len(chunks) / config.evals_per_epoch))
     history: list[dict] = []
     best = -math.inf
@@ -111,12 +114,13 @@ def train_student(
         progress = tqdm(chunks, desc=f"student epoch {epoch}/{config.epochs}", unit="batch", mininterval=5,
                         dynamic_ncols=True)
         for step, chunk in enumerate(progress, start=1):
-            tokens, lengths = pad_batch([vocab.encode(texts[i]) for i in chunk], vocab.pad_id)
+            tokens, lengths = pad_batch([encoded[i] for i in chunk], vocab.pad_id)
             loss = distillation_loss(model.logits(tokens.to(device), lengths.to(device)), targets[chunk])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
+            schedule.step()
             total += loss.item() * len(chunk)
             seen += len(chunk)
             progress.set_postfix(refresh=False, mse=f"{total / seen:.4f}")
@@ -151,11 +155,18 @@ def distill_sentiment(
     teacher: TeacherLogits | None = None,
     device: torch.device = CPU,
     max_minutes: float | None = None,
+    stop_after: str | None = None,
 ) -> dict:
     """Run (or resume) the three stages into ``run_dir`` for SST-2 on ``device``; returns the metrics.
     ``teacher`` replaces the fine-tuned transformer (tests give a function of the tokens). With ``max_minutes``
-    the student stops at its first dev evaluation past that wall time since the run started."""
+    the student stops at its first dev evaluation past that wall time since the run started. ``stop_after``
+    ("teacher" or "transfer", `DISTILL_STAGES`) ends the run once that stage is in ``run_dir``: teachers fine-tuned
+    by separate runs side by side, say, then gathered into one run directory as its teacher/, teacher-2/, ...
+    (a teacher's seed is the run's ``seed`` plus its place), and students of several settings trained
+    side by side from copies of one transfer set."""
     require_normaliser(normaliser)
+    if stop_after is not None and stop_after not in DISTILL_STAGES:
+        raise DataError(f"unknown stage {stop_after!r}; a run can stop after {', '.join(DISTILL_STAGES)}")
     if (run_dir / "best.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a distilled model; choose another --run-dir")
     num_classes = 2
@@ -165,26 +176,37 @@ def distill_sentiment(
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    teacher_report: dict = {}
-    if teacher is None:
-        from training.teacher import fine_tuned_teachers
-
-        teacher, teacher_report = fine_tuned_teachers(phrases, dev, config, run_dir, student.seed, device=device)
-
     transfer_path = run_dir / "transfer.pt"
     if transfer_path.exists():
+        # The teachers' work is done: their logits and report are in the transfer set, their weights unneeded.
         transfer = torch.load(transfer_path, weights_only=True)
+        teacher_report = transfer.get("teacher", {})
         print(f"transfer set from {transfer_path}: {len(transfer['texts'])} texts")
+        if stop_after == "teacher":
+            return {"stopped_after": stop_after, "teacher": teacher_report}
     else:
+        teacher_report: dict = {}
+        if teacher is None:
+            from training.teacher import fine_tuned_teachers
+
+            teacher, teacher_report = fine_tuned_teachers(phrases, dev, config, run_dir, student.seed, device=device)
+        if stop_after == "teacher":
+            print(f"stopping after the teacher stage (--stop-after): {run_dir}")
+            return {"stopped_after": stop_after, "teacher": teacher_report}
         rng = random.Random(student.seed)
         texts = [e.tokens for e in phrases] + augmented([e.tokens for e in sentences], config, rng)
         print(f"labelling the transfer set with the teacher: {len(phrases)} phrases + "
               f"{len(texts) - len(phrases)} augmented sentences")
-        transfer = {"texts": texts, "logits": teacher(texts).float()}
+        transfer = {"texts": texts, "logits": teacher(texts).float(), "teacher": teacher_report}
         save_checkpoint(transfer, transfer_path)
     texts, targets = transfer["texts"], transfer["logits"]
     agreement = _agreement(targets[: len(phrases)], phrases)
     print(f"teacher agrees with {agreement:.2%} of the training phrases' labels")
+    if stop_after == "transfer":
+        print(f"stopping after the transfer set (--stop-after): {transfer_path}")
+        return {"stopped_after": stop_after, "teacher": teacher_report,
+                "transfer_set": {"phrases": len(phrases), "augmented": len(texts) - len(phrases),
+                                 "teacher_agreement_with_phrase_labels": agreement}}
 
     vocab = Vocabulary.build(texts, specials=(PAD, UNK), min_count=student.min_count)
     vocab.save(run_dir / "vocab.txt")

@@ -527,6 +527,8 @@ def export_run(
         "config": config,
         "history": run_metrics.get("history", []),
     }
+    # A distilled student's teacher (dev accuracy, fine-tuning history) and transfer set, as its run reported them.
+    training.update({key: run_metrics[key] for key in ("teacher", "transfer_set") if run_metrics.get(key)})
 
     common = dict(version=version, normaliser=checkpoint["normaliser"], description=description,
                   training=training, evaluate=_evaluator(valid, test), force=force)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from app.text import PAD, UNK, Vocabulary
 from training.checkpoint import cpu_state_dict, load_checkpoint, require_normaliser, save_checkpoint
-from training.config import SentimentConfig
+from training.config import LR_SCHEDULES, SentimentConfig
 from training.data import DataError, LabelledText, pad_batch, read_labelled, read_tree_phrases
 from training.distributed import CPU, SINGLE_PROCESS, Worker
 from training.model import SentimentClassifier
@@ -35,6 +35,19 @@ def build_model(config: SentimentConfig, vocab: Vocabulary, num_classes: int) ->
         len(vocab), config.embedding_size, config.hidden_size, config.layers, config.dropout,
         config.bidirectional, num_classes, vocab.pad_id,
     )
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: SentimentConfig,
+                           steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The scheduler to step after every batch: ``config.lr`` throughout ("constant"), or a half cosine
+    from it down to 0 at the last batch of ``config.epochs`` ("cosine")."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise DataError(f"unknown learning-rate schedule {config.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    total = max(1, steps_per_epoch * config.epochs)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def batches(examples: list[LabelledText], vocab: Vocabulary, batch_size: int, shuffle: bool, rng: random.Random):
@@ -146,6 +159,7 @@ def train_sentiment(
     best = -math.inf
     started = time.perf_counter()
     steps = math.ceil(len(train) / config.batch_size)
+    schedule = learning_rate_schedule(optimizer, config, steps)
     eval_every = max(1, math.ceil(steps / config.evals_per_epoch))
     for epoch in range(1, config.epochs + 1):
         worker.seed(config.seed, epoch)
@@ -165,6 +179,7 @@ def train_sentiment(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            schedule.step()
             if weight:
                 total_loss += summed.item()
                 seen += labels.numel()
