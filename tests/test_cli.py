@@ -114,11 +114,23 @@ def test_evaluate_reproduces_the_exported_figures_and_refuses_a_bad_version(corp
 
 def test_help_explains_every_option():
     parser = build_parser()
-    for command in ("train-lm", "train-sentiment", "export", "evaluate"):
+    for command in ("train-lm", "train-sentiment", "distill-sentiment", "export", "evaluate"):
         sub = parser._subparsers._group_actions[0].choices[command]
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{command} {action.option_strings} has no help"
+
+
+@pytest.mark.parametrize("command", ["train-sentiment", "distill-sentiment"])
+def test_a_setting_with_named_values_lists_them_and_refuses_others(command, capsys):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    assert "--lr-schedule {constant,cosine}" in sub.format_help()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([command, "--lr-schedule", "linear"])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert "--lr-schedule: invalid choice: 'linear'" in error and "constant" in error and "cosine" in error
 
 
 def test_real_process_exit_code_and_message(tmp_path):

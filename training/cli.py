@@ -51,8 +51,10 @@ def _add_config_options(parser: argparse.ArgumentParser, config_type: type, pres
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=f"(preset '{next(iter(presets))}': {default})")
         else:
-            group.add_argument(flag, type=type(default), default=None, metavar=f.name.upper(),
-                               choices=f.metadata.get("choices"), help=f"(preset '{next(iter(presets))}': {default})")
+            choices = f.metadata.get("choices")  # listed by argparse in the usage and in its error message
+            group.add_argument(flag, type=type(default), default=None, choices=choices,
+                               metavar=None if choices else f.name.upper(),
+                               help=f"(preset '{next(iter(presets))}': {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
