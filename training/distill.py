@@ -202,11 +202,11 @@ def distill_sentiment(
     texts, targets = transfer["texts"], transfer["logits"]
     agreement = _agreement(targets[: len(phrases)], phrases)
     print(f"teacher agrees with {agreement:.2%} of the training phrases' labels")
+    transfer_report = {"phrases": len(phrases), "augmented": len(texts) - len(phrases),
+                       "teacher_agreement_with_phrase_labels": agreement}
     if stop_after == "transfer":
         print(f"stopping after the transfer set (--stop-after): {transfer_path}")
-        return {"stopped_after": stop_after, "teacher": teacher_report,
-                "transfer_set": {"phrases": len(phrases), "augmented": len(texts) - len(phrases),
-                                 "teacher_agreement_with_phrase_labels": agreement}}
+        return {"stopped_after": stop_after, "teacher": teacher_report, "transfer_set": transfer_report}
 
     vocab = Vocabulary.build(texts, specials=(PAD, UNK), min_count=student.min_count)
     vocab.save(run_dir / "vocab.txt")
@@ -224,9 +224,7 @@ def distill_sentiment(
     best = max(history, key=lambda h: h["dev_accuracy"])
     metrics = {
         "task": "sentiment", "method": "distillation (Tang et al. 2019)", "config": dataclasses.asdict(student),
-        "distillation": dataclasses.asdict(config), "teacher": teacher_report,
-        "transfer_set": {"phrases": len(phrases), "augmented": len(texts) - len(phrases),
-                         "teacher_agreement_with_phrase_labels": agreement},
+        "distillation": dataclasses.asdict(config), "teacher": teacher_report, "transfer_set": transfer_report,
         "history": history, "best_epoch": best["epoch"], "best_dev_accuracy": best["dev_accuracy"],
         "train_seconds": round(time.perf_counter() - started, 1), "command": command,
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
